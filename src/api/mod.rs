@@ -1,0 +1,125 @@
+//! The HTTP surface: REST API (`/api/v1`), health and info. `app(state)` builds the whole
+//! router so tests drive exactly what `serve` runs.
+
+mod auth;
+mod calls;
+pub mod error;
+mod health;
+mod tenants;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tower_http::limit::RequestBodyLimitLayer;
+use tracing::Instrument;
+
+pub use auth::Auth;
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// Everything a request handler may need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub started: Instant,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: Arc<Config>) -> Self {
+        Self(Arc::new(Inner {
+            store,
+            config,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.0.started.elapsed().as_secs()
+    }
+
+    pub fn set_draining(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::SeqCst)
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    let max_body = state.config().server.max_body_bytes;
+    let api = Router::new()
+        .merge(tenants::routes())
+        .merge(calls::routes())
+        .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(health::routes())
+        .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) })
+        .layer(middleware::map_response(error::shape_errors))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+/// Gives every request an id (kept from `x-request-id` when the client sent a sane one),
+/// runs it inside a span carrying that id, logs the outcome, and echoes the id back.
+async fn request_context(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| crate::ids::random_token(16));
+    let method = req.method().clone();
+    // The path only: query strings may carry tokens.
+    let path = req.uri().path().to_owned();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    let started = Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if path.starts_with("/health") {
+            tracing::debug!(status, ms, "request");
+        } else if status >= 500 {
+            tracing::warn!(status, ms, "request");
+        } else {
+            tracing::info!(status, ms, "request");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}

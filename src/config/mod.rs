@@ -1,0 +1,789 @@
+//! The TOML configuration (SPEC §2): typed sections, defaults, validation, secrets.
+//!
+//! Loading is three steps: parse with `deny_unknown_fields` (so a typo names its line),
+//! resolve secrets (`<key>_file`, then `VOICECTL_<SECTION>_<KEY>` which wins), validate.
+
+mod duration;
+
+pub use duration::HumanDuration;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::phone::E164;
+
+/// The commented template `voicectl init` renders; its defaults must match `Default` below
+/// (a unit test parses it).
+pub const TEMPLATE: &str = include_str!("../../templates/voicectl.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub twilio: TwilioConfig,
+    pub agent: AgentConfig,
+    pub openai: OpenAiConfig,
+    pub ultravox: UltravoxConfig,
+    pub limits: LimitsConfig,
+    pub proxy: Vec<ProxyRoute>,
+    /// Where the file came from; not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub domain: String,
+    pub extra_domains: Vec<String>,
+    pub public_url: String,
+    pub data_dir: PathBuf,
+    pub http_listen: String,
+    pub https_listen: String,
+    pub listen: String,
+    pub max_concurrent_calls: u32,
+    pub drain_timeout: HumanDuration,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            domain: String::new(),
+            extra_domains: Vec::new(),
+            public_url: String::new(),
+            data_dir: PathBuf::from("/var/lib/voicectl"),
+            http_listen: "0.0.0.0:80".into(),
+            https_listen: "0.0.0.0:443".into(),
+            listen: String::new(),
+            max_concurrent_calls: 1000,
+            drain_timeout: HumanDuration::from_secs(60),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Acme,
+    Manual,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AcmeChallenge {
+    #[serde(rename = "http-01")]
+    Http01,
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    pub acme_directory: String,
+    pub acme_email: String,
+    pub challenge: AcmeChallenge,
+    pub acme_root_ca: String,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            mode: TlsMode::Acme,
+            acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            acme_email: String::new(),
+            challenge: AcmeChallenge::Http01,
+            acme_root_ca: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwilioConfig {
+    pub account_sid: String,
+    pub auth_token: Secret,
+    pub auth_token_file: Option<PathBuf>,
+    pub from_number: String,
+    pub api_base_url: String,
+    pub validate_signatures: bool,
+}
+
+impl Default for TwilioConfig {
+    fn default() -> Self {
+        Self {
+            account_sid: String::new(),
+            auth_token: Secret::default(),
+            auth_token_file: None,
+            from_number: String::new(),
+            api_base_url: "https://api.twilio.com".into(),
+            validate_signatures: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum EngineKind {
+    #[serde(rename = "openai-realtime")]
+    OpenAiRealtime,
+    #[serde(rename = "ultravox")]
+    Ultravox,
+    #[serde(rename = "scripted")]
+    Scripted,
+}
+
+impl EngineKind {
+    pub const ALL: [EngineKind; 3] = [Self::OpenAiRealtime, Self::Ultravox, Self::Scripted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAiRealtime => "openai-realtime",
+            Self::Ultravox => "ultravox",
+            Self::Scripted => "scripted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub engine: EngineKind,
+    pub system_prompt: String,
+    pub greeting: String,
+    pub voice: String,
+    pub max_call_duration: HumanDuration,
+    pub silence_timeout: HumanDuration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineKind::OpenAiRealtime,
+            system_prompt: "You are a helpful phone assistant.".into(),
+            greeting: "Hello! How can I help you today?".into(),
+            voice: "alloy".into(),
+            max_call_duration: HumanDuration::from_secs(15 * 60),
+            silence_timeout: HumanDuration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    pub api_key: Secret,
+    pub api_key_file: Option<PathBuf>,
+    pub realtime_url: String,
+    pub model: String,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            api_key: Secret::default(),
+            api_key_file: None,
+            realtime_url: "wss://api.openai.com/v1/realtime".into(),
+            model: "gpt-realtime".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UltravoxConfig {
+    pub api_key: Secret,
+    pub api_key_file: Option<PathBuf>,
+    pub api_base_url: String,
+}
+
+impl Default for UltravoxConfig {
+    fn default() -> Self {
+        Self {
+            api_key: Secret::default(),
+            api_key_file: None,
+            api_base_url: "https://api.ultravox.ai".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub api_requests_per_second_per_ip: u32,
+    pub calls_per_minute_per_tenant: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            api_requests_per_second_per_ip: 100,
+            calls_per_minute_per_tenant: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyRoute {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_proxy_path")]
+    pub path: String,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+}
+
+fn default_proxy_path() -> String {
+    "/".into()
+}
+
+/// A secret string: never printed by `Debug`, never serialized back out.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
+}
+
+impl Config {
+    /// Reads, resolves secrets and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path, &|k| std::env::var(k).ok())
+    }
+
+    /// Parses `text` (named `path` in errors); `env` looks up environment variables so tests
+    /// need not touch the process environment.
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(text, &e),
+        })?;
+        cfg.source = Some(path.to_owned());
+        cfg.resolve_secrets(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The configuration `serve --dev` runs with when no file is given: plain HTTP on
+    /// loopback, TLS off, the scripted engine, data in `./voicectl-data`.
+    pub fn dev() -> Config {
+        let mut cfg = Config::default();
+        cfg.server.domain = "localhost".into();
+        cfg.server.data_dir = PathBuf::from("./voicectl-data");
+        cfg.server.listen = "127.0.0.1:8080".into();
+        cfg.server.http_listen = String::new();
+        cfg.server.https_listen = String::new();
+        cfg.server.max_concurrent_calls = 50;
+        cfg.server.drain_timeout = HumanDuration::from_secs(10);
+        cfg.tls.mode = TlsMode::Off;
+        cfg.twilio.account_sid = "ACdev0000000000000000000000000000".into();
+        cfg.twilio.auth_token = Secret::new("dev-auth-token");
+        cfg.twilio.from_number = "+15005550006".into();
+        cfg.agent.engine = EngineKind::Scripted;
+        cfg
+    }
+
+    fn resolve_secrets(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let path = self.source.clone().unwrap_or_default();
+        let slots: [(&str, &str, &mut Secret, &Option<PathBuf>); 3] = [
+            (
+                "twilio",
+                "auth_token",
+                &mut self.twilio.auth_token,
+                &self.twilio.auth_token_file,
+            ),
+            (
+                "openai",
+                "api_key",
+                &mut self.openai.api_key,
+                &self.openai.api_key_file,
+            ),
+            (
+                "ultravox",
+                "api_key",
+                &mut self.ultravox.api_key,
+                &self.ultravox.api_key_file,
+            ),
+        ];
+        for (section, key, slot, file) in slots {
+            if let Some(file) = file {
+                if !slot.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        key: format!("{section}.{key}_file"),
+                        reason: format!("set either {key} or {key}_file, not both"),
+                    });
+                }
+                let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+                    path: path.clone(),
+                    key: format!("{section}.{key}_file"),
+                    reason: format!("cannot read {}: {e}", file.display()),
+                })?;
+                *slot = Secret::new(text.trim_end_matches(['\n', '\r']));
+            }
+            let var = format!("VOICECTL_{}_{}", section.to_uppercase(), key.to_uppercase());
+            if let Some(v) = env(&var) {
+                *slot = Secret::new(v);
+            }
+        }
+        // Non-secret strings may come from the environment too (e.g. a per-host account SID).
+        let plain: [(&str, &str, &mut String); 4] = [
+            ("twilio", "account_sid", &mut self.twilio.account_sid),
+            ("twilio", "from_number", &mut self.twilio.from_number),
+            ("twilio", "api_base_url", &mut self.twilio.api_base_url),
+            ("server", "domain", &mut self.server.domain),
+        ];
+        for (section, key, slot) in plain {
+            let var = format!("VOICECTL_{}_{}", section.to_uppercase(), key.to_uppercase());
+            if let Some(v) = env(&var) {
+                *slot = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but make no sense; names the key and says why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let path = self.source.clone().unwrap_or_default();
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.clone(),
+            key: key.to_owned(),
+            reason,
+        };
+        let s = &self.server;
+        for (key, value) in [
+            ("server.listen", &s.listen),
+            ("server.http_listen", &s.http_listen),
+            ("server.https_listen", &s.https_listen),
+        ] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                return Err(bad(
+                    key,
+                    format!(
+                        "{value:?} is not an address like \"0.0.0.0:443\" or \"127.0.0.1:8080\""
+                    ),
+                ));
+            }
+        }
+        if s.listen.is_empty() && s.https_listen.is_empty() && s.http_listen.is_empty() {
+            return Err(bad(
+                "server.listen",
+                "no listener configured: set listen, https_listen or http_listen".into(),
+            ));
+        }
+        if !s.domain.is_empty() && !is_hostname(&s.domain) {
+            return Err(bad(
+                "server.domain",
+                format!("{:?} is not a host name", s.domain),
+            ));
+        }
+        for d in &s.extra_domains {
+            if !is_hostname(d) {
+                return Err(bad(
+                    "server.extra_domains",
+                    format!("{d:?} is not a host name"),
+                ));
+            }
+        }
+        if !s.public_url.is_empty() {
+            match reqwest::Url::parse(&s.public_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(bad(
+                        "server.public_url",
+                        format!("{:?} is not an http(s) URL", s.public_url),
+                    ));
+                }
+            }
+        }
+        if s.domain.is_empty() && s.public_url.is_empty() {
+            return Err(bad(
+                "server.domain",
+                "required (webhook URLs and certificates use it); or set server.public_url".into(),
+            ));
+        }
+        if s.data_dir.as_os_str().is_empty() {
+            return Err(bad("server.data_dir", "must not be empty".into()));
+        }
+        if s.max_concurrent_calls == 0 {
+            return Err(bad(
+                "server.max_concurrent_calls",
+                "must be at least 1".into(),
+            ));
+        }
+        if s.max_body_bytes < 1024 {
+            return Err(bad("server.max_body_bytes", "must be at least 1024".into()));
+        }
+        match self.tls.mode {
+            TlsMode::Manual if self.tls.cert_file.is_empty() || self.tls.key_file.is_empty() => {
+                return Err(bad(
+                    "tls.cert_file",
+                    "tls.mode = \"manual\" needs cert_file and key_file".into(),
+                ));
+            }
+            TlsMode::Acme | TlsMode::Manual if s.https_listen.is_empty() => {
+                return Err(bad(
+                    "server.https_listen",
+                    "TLS is on (tls.mode) but https_listen is empty; set it or tls.mode = \"off\""
+                        .into(),
+                ));
+            }
+            TlsMode::Acme if s.domain.is_empty() => {
+                return Err(bad(
+                    "server.domain",
+                    "required when tls.mode = \"acme\"".into(),
+                ));
+            }
+            _ => {}
+        }
+        for (key, url) in [
+            ("tls.acme_directory", &self.tls.acme_directory),
+            ("twilio.api_base_url", &self.twilio.api_base_url),
+            ("ultravox.api_base_url", &self.ultravox.api_base_url),
+        ] {
+            check_url(url, &["http", "https"]).map_err(|r| bad(key, r))?;
+        }
+        check_url(&self.openai.realtime_url, &["ws", "wss"])
+            .map_err(|r| bad("openai.realtime_url", r))?;
+        if !self.twilio.from_number.is_empty() {
+            E164::parse(&self.twilio.from_number)
+                .map_err(|e| bad("twilio.from_number", e.to_string()))?;
+        }
+        if !self.twilio.account_sid.is_empty() && !self.twilio.account_sid.starts_with("AC") {
+            return Err(bad(
+                "twilio.account_sid",
+                "a Twilio Account SID starts with \"AC\"".into(),
+            ));
+        }
+        if self.agent.max_call_duration.as_secs() < 10 {
+            return Err(bad(
+                "agent.max_call_duration",
+                "must be at least 10s".into(),
+            ));
+        }
+        if self.agent.max_call_duration.as_secs() > 4 * 3600 {
+            return Err(bad(
+                "agent.max_call_duration",
+                "must be at most 4h (Twilio's own TimeLimit cap)".into(),
+            ));
+        }
+        if self.agent.silence_timeout.as_secs() < 1 {
+            return Err(bad("agent.silence_timeout", "must be at least 1s".into()));
+        }
+        if self.limits.api_requests_per_second_per_ip == 0 {
+            return Err(bad(
+                "limits.api_requests_per_second_per_ip",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.limits.calls_per_minute_per_tenant == 0 {
+            return Err(bad(
+                "limits.calls_per_minute_per_tenant",
+                "must be at least 1".into(),
+            ));
+        }
+        for (i, p) in self.proxy.iter().enumerate() {
+            let key = |k: &str| format!("proxy[{i}].{k}");
+            if !p.path.starts_with('/') {
+                return Err(bad(&key("path"), "must start with \"/\"".into()));
+            }
+            match (&p.upstream, &p.root) {
+                (Some(u), None) => check_url(u, &["http"]).map_err(|r| bad(&key("upstream"), r))?,
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(bad(
+                        &key("upstream"),
+                        "set exactly one of upstream or root".into(),
+                    ));
+                }
+            }
+            if let Some(h) = &p.host
+                && !is_hostname(h)
+            {
+                return Err(bad(&key("host"), format!("{h:?} is not a host name")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The public base URL Twilio reaches us on, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if !self.server.public_url.is_empty() {
+            return self.server.public_url.trim_end_matches('/').to_owned();
+        }
+        if self.tls.mode == TlsMode::Off {
+            if !self.server.listen.is_empty() {
+                return format!("http://{}", self.server.listen);
+            }
+            return format!("http://{}", self.server.domain);
+        }
+        format!("https://{}", self.server.domain)
+    }
+}
+
+fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if schemes.contains(&u.scheme()) && u.host().is_some() => Ok(()),
+        Ok(u) => Err(format!(
+            "{url:?} must be a {} URL with a host (got scheme {:?})",
+            schemes.join("/"),
+            u.scheme()
+        )),
+        Err(e) => Err(format!("{url:?} is not a URL: {e}")),
+    }
+}
+
+/// A DNS name (or "localhost"): letters, digits, hyphens, dots; no scheme, port or path.
+pub fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// One line naming where and what: `line 4 (server.listn): unknown field ...`.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    // The nearest table header above the error, and the key on the error's own line.
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_owned())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match (section, key) {
+        (Some(s), Some(k)) => format!("line {line_no} ({s}.{k}): {msg}"),
+        (None, Some(k)) => format!("line {line_no} ({k}): {msg}"),
+        _ => format!("line {line_no}: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("t.toml"), &|_| None)
+    }
+
+    const MINIMAL: &str = "[server]\ndomain = \"voice.example.com\"\n";
+
+    #[test]
+    fn template_parses_with_defaults() {
+        let text = crate::cli::init::render_template(
+            "voice.example.com",
+            "ops@example.com",
+            Path::new("/var/lib/voicectl"),
+            false,
+        );
+        let cfg = parse(&text).expect("template parses");
+        let d = Config::default();
+        assert_eq!(
+            cfg.server.max_concurrent_calls,
+            d.server.max_concurrent_calls
+        );
+        assert_eq!(cfg.server.drain_timeout, d.server.drain_timeout);
+        assert_eq!(cfg.tls.acme_directory, d.tls.acme_directory);
+        assert_eq!(cfg.agent.voice, d.agent.voice);
+        assert_eq!(cfg.agent.max_call_duration, d.agent.max_call_duration);
+        assert_eq!(
+            cfg.limits.calls_per_minute_per_tenant,
+            d.limits.calls_per_minute_per_tenant
+        );
+        assert_eq!(cfg.public_url(), "https://voice.example.com");
+    }
+
+    #[test]
+    fn dev_template_parses() {
+        let text =
+            crate::cli::init::render_template("localhost", "", Path::new("./voicectl-data"), true);
+        let cfg = parse(&text).expect("dev template parses");
+        assert_eq!(cfg.tls.mode, TlsMode::Off);
+        assert_eq!(cfg.agent.engine, EngineKind::Scripted);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("[server]\ndomain = \"a.example\"\n\nlisten_addr = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_an_error() {
+        let err = parse("[sever]\ndomain = \"a\"\n").unwrap_err().to_string();
+        assert!(err.contains("sever") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn malformed_toml_names_line() {
+        let err = parse("[server]\ndomain = \"a.example\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_key() {
+        for (text, key) in [
+            ("[server]\ndomain=\"a.b\"\nlisten=\"nope\"", "server.listen"),
+            (
+                "[server]\ndomain=\"a.b\"\ndrain_timeout=\"soon\"",
+                "drain_timeout",
+            ),
+            ("[server]\ndomain=\"a b\"", "server.domain"),
+            ("[server]\ndomain=\"a.b\"\n[tls]\nmode=\"maybe\"", "mode"),
+            (
+                "[server]\ndomain=\"a.b\"\n[twilio]\nfrom_number=\"555\"",
+                "twilio.from_number",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[openai]\nrealtime_url=\"http://x\"",
+                "openai.realtime_url",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[agent]\nengine=\"gpt\"",
+                "engine",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[[proxy]]\npath=\"/\"\n",
+                "proxy[0].upstream",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\nmax_concurrent_calls=0",
+                "max_concurrent_calls",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} → {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "from-file\n").unwrap();
+        let text = format!("{MINIMAL}[twilio]\nauth_token_file = {:?}\n", f);
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.twilio.auth_token.expose(), "from-file");
+
+        let env = |k: &str| (k == "VOICECTL_TWILIO_AUTH_TOKEN").then(|| "from-env".to_owned());
+        let cfg = Config::from_toml(&text, Path::new("t"), &env).unwrap();
+        assert_eq!(cfg.twilio.auth_token.expose(), "from-env");
+        assert!(
+            !format!("{cfg:?}").contains("from-env"),
+            "Debug leaks a secret"
+        );
+    }
+
+    #[test]
+    fn unreadable_secret_file_is_an_error() {
+        let text = format!("{MINIMAL}[openai]\napi_key_file = \"/nonexistent/key\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("openai.api_key_file"), "{err}");
+        assert!(err.contains("/nonexistent/key"), "{err}");
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(is_hostname("voice.example.com"));
+        assert!(is_hostname("localhost"));
+        assert!(!is_hostname("https://x"));
+        assert!(!is_hostname("a..b"));
+        assert!(!is_hostname("x:443"));
+    }
+}

@@ -1,0 +1,15 @@
+//! voicectl: a self-hosted AI phone-calling appliance in one binary.
+//!
+//! The call path reads top to bottom: `api` (REST) → `calls` (domain) → `store` (SQLite);
+//! `cli` and `config` drive it, `server` runs it.
+
+pub mod api;
+pub mod auth;
+pub mod calls;
+pub mod cli;
+pub mod config;
+pub mod ids;
+pub mod phone;
+pub mod server;
+pub mod store;
+pub mod timefmt;

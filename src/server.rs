@@ -1,0 +1,121 @@
+//! `voicectl serve`: open the store, bind listeners, serve until SIGTERM/SIGINT, drain.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::{Config, TlsMode};
+use crate::store::{self, Store, keys};
+
+/// Written to `data_dir/serve.json` while the server runs, so local CLI commands can find it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    pub pid: u32,
+    pub listen: Option<SocketAddr>,
+    pub version: String,
+}
+
+pub const RUNTIME_FILE: &str = "serve.json";
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+pub fn runtime_info(data_dir: &Path) -> Option<RuntimeInfo> {
+    let text = std::fs::read_to_string(data_dir.join(RUNTIME_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Makes sure an admin credential exists; if a new one is minted, its secret is written to
+/// `data_dir/admin.key` (0600) and returned so the caller can show it once.
+pub fn ensure_admin_key(
+    store: &Store,
+    data_dir: &Path,
+) -> anyhow::Result<Option<(PathBuf, String)>> {
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    let have = store.blocking(|c| keys::admin_key_count(c))?;
+    if have > 0 && path.exists() {
+        return Ok(None);
+    }
+    let created = store.blocking(|c| keys::create(c, None, "admin", None))?;
+    store::write_private_file(&path, format!("{}\n", created.key).as_bytes())?;
+    Ok(Some((path, created.key)))
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let data_dir = config.server.data_dir.clone();
+    if config.tls.mode != TlsMode::Off {
+        bail!(
+            "tls.mode = {:?} is not available in this build yet; set tls.mode = \"off\" and \
+             server.listen (plain HTTP, e.g. behind a TLS-terminating load balancer)",
+            config.tls.mode
+        );
+    }
+    if config.server.listen.is_empty() {
+        bail!(
+            "server.listen is empty: with tls.mode = \"off\" the plain-HTTP listener is required"
+        );
+    }
+    store::ensure_private_dir(&data_dir)?;
+    let _lock = store::lock_data_dir(&data_dir)?;
+    let store = Store::open(&data_dir).context("opening the database")?;
+    if let Some((path, _)) = ensure_admin_key(&store, &data_dir)? {
+        tracing::info!(path = %path.display(), "created admin API key (the file holds the secret)");
+    }
+
+    let listener = TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let runtime = RuntimeInfo {
+        pid: std::process::id(),
+        listen: Some(addr),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    store::write_private_file(
+        &data_dir.join(RUNTIME_FILE),
+        serde_json::to_string(&runtime)?.as_bytes(),
+    )?;
+
+    let state = AppState::new(store, config.clone());
+    let app = api::app(state.clone());
+    tracing::info!(%addr, public_url = %config.public_url(), version = env!("CARGO_PKG_VERSION"), "listening");
+
+    let drain_state = state.clone();
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        drain_state.set_draining();
+        tracing::info!("shutdown requested; draining");
+    })
+    .await;
+    let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
+    result.context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

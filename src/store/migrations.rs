@@ -1,0 +1,156 @@
+//! Versioned schema migrations, embedded in the binary. The version lives in
+//! `PRAGMA user_version`; each step runs in its own transaction. Later capabilities append
+//! steps (add columns/tables); shipped steps are never edited.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::{Result, StoreError};
+
+const STEPS: &[&str] = &[
+    // 1: tenants, keys, calls, transcripts, events, work queue.
+    r#"
+CREATE TABLE tenants (
+    id                   INTEGER PRIMARY KEY,
+    name                 TEXT NOT NULL UNIQUE,
+    company              TEXT NOT NULL DEFAULT '',
+    agent_name           TEXT NOT NULL DEFAULT '',
+    system_prompt        TEXT,
+    greeting             TEXT,
+    voice                TEXT,
+    engine               TEXT,
+    from_number          TEXT,
+    max_concurrent_calls INTEGER,
+    calls_per_minute     INTEGER,
+    webhook_url          TEXT,
+    webhook_secret       TEXT,
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE tenant_numbers (
+    number    TEXT PRIMARY KEY,
+    tenant_id INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE
+) STRICT;
+CREATE INDEX tenant_numbers_tenant ON tenant_numbers(tenant_id);
+
+CREATE TABLE api_keys (
+    id           TEXT PRIMARY KEY,
+    tenant_id    INTEGER REFERENCES tenants(id) ON DELETE CASCADE,
+    is_admin     INTEGER NOT NULL DEFAULT 0,
+    name         TEXT NOT NULL DEFAULT '',
+    secret_hash  BLOB NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER,
+    last_used_at INTEGER,
+    revoked_at   INTEGER,
+    CHECK ((is_admin = 1) = (tenant_id IS NULL))
+) STRICT;
+CREATE INDEX api_keys_tenant ON api_keys(tenant_id);
+
+CREATE TABLE calls (
+    id                TEXT PRIMARY KEY,
+    tenant_id         INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    direction         TEXT NOT NULL CHECK (direction IN ('outbound', 'inbound')),
+    to_number         TEXT NOT NULL,
+    from_number       TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('queued', 'initiating', 'ringing',
+                          'in_progress', 'completed', 'busy', 'no_answer', 'failed', 'canceled')),
+    engine            TEXT NOT NULL,
+    system_prompt     TEXT,
+    greeting          TEXT,
+    voice             TEXT,
+    max_duration_secs INTEGER,
+    machine_detection INTEGER NOT NULL DEFAULT 0,
+    metadata          TEXT NOT NULL DEFAULT '{}',
+    twilio_call_sid   TEXT UNIQUE,
+    answered_by       TEXT,
+    end_reason        TEXT,
+    error             TEXT,
+    idempotency_key   TEXT,
+    request_hash      TEXT,
+    stream_token_hash BLOB,
+    last_callback_seq INTEGER NOT NULL DEFAULT -1,
+    created_at        INTEGER NOT NULL,
+    started_at        INTEGER,
+    answered_at       INTEGER,
+    ended_at          INTEGER,
+    duration_seconds  INTEGER,
+    updated_at        INTEGER NOT NULL,
+    UNIQUE (tenant_id, idempotency_key)
+) STRICT;
+CREATE INDEX calls_tenant_created ON calls(tenant_id, created_at DESC, id DESC);
+CREATE INDEX calls_created ON calls(created_at DESC, id DESC);
+CREATE INDEX calls_live ON calls(status)
+    WHERE status IN ('queued', 'initiating', 'ringing', 'in_progress');
+
+CREATE TABLE transcript_entries (
+    id      INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    speaker TEXT NOT NULL CHECK (speaker IN ('agent', 'caller')),
+    text    TEXT NOT NULL,
+    at_ms   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX transcript_entries_call ON transcript_entries(call_id, at_ms, id);
+
+CREATE TABLE call_events (
+    id      INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    at      INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    data    TEXT NOT NULL DEFAULT '{}'
+) STRICT;
+CREATE INDEX call_events_call ON call_events(call_id, id);
+
+CREATE TABLE jobs (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    call_id    TEXT REFERENCES calls(id) ON DELETE CASCADE,
+    tenant_id  INTEGER REFERENCES tenants(id) ON DELETE CASCADE,
+    dedupe_key TEXT UNIQUE,
+    payload    TEXT NOT NULL DEFAULT '{}',
+    state      TEXT NOT NULL DEFAULT 'pending'
+                   CHECK (state IN ('pending', 'running', 'done', 'dead')),
+    run_at     INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX jobs_due ON jobs(run_at) WHERE state IN ('pending', 'running');
+"#,
+];
+
+pub fn apply(conn: &Connection, path: &Path) -> Result<()> {
+    let known = STEPS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in STEPS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        // IMMEDIATE so two processes opening a fresh database cannot both migrate it.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current >= version {
+            conn.execute_batch("COMMIT")?;
+            continue;
+        }
+        let res = conn
+            .execute_batch(sql)
+            .and_then(|_| conn.pragma_update(None, "user_version", version));
+        match res {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
