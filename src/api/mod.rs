@@ -77,9 +77,10 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(health::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) })
-        .layer(middleware::map_response(error::shape_errors))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
+        // Outside the body limit, so its bare 413 is reshaped too.
+        .layer(middleware::map_response(error::shape_errors))
         .layer(middleware::from_fn(request_context))
         .with_state(state)
 }

@@ -645,6 +645,9 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     match (section, key) {
         (Some(s), Some(k)) => format!("line {line_no} ({s}.{k}): {msg}"),
         (None, Some(k)) => format!("line {line_no} ({k}): {msg}"),
+        _ if line.trim_start().starts_with('[') => {
+            format!("line {line_no} ({}): {msg}", line.trim())
+        }
         _ => format!("line {line_no}: {msg}"),
     }
 }

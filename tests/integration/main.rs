@@ -1,1 +1,6 @@
+//! One integration-test binary (fast linking); topics are modules.
 
+mod api;
+mod cli;
+mod serve;
+mod support;
