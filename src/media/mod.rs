@@ -1,0 +1,26 @@
+//! Audio on the call path: formats, the μ-law codec, and the bridge between the phone stream
+//! and a voice engine.
+
+pub mod mulaw;
+
+/// Formats that cross our edges. Twilio speaks only μ-law 8 kHz mono.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AudioFormat {
+    /// G.711 μ-law, 8 kHz, mono: 8 bytes per millisecond.
+    Mulaw8k,
+    /// Signed 16-bit little-endian PCM, 8 kHz, mono.
+    Pcm16At8k,
+}
+
+impl AudioFormat {
+    pub fn bytes_per_ms(self) -> usize {
+        match self {
+            Self::Mulaw8k => 8,
+            Self::Pcm16At8k => 16,
+        }
+    }
+}
+
+/// One 20 ms phone frame of μ-law: 160 bytes.
+pub const FRAME_MS: u64 = 20;
+pub const MULAW_FRAME_BYTES: usize = 160;

@@ -1,0 +1,275 @@
+//! Twilio Media Streams messages (PROTOCOLS §1.2–1.3).
+//!
+//! Inbound frames are parsed into borrowed views: a `media` payload is base64 that we usually
+//! forward unchanged, so it is never copied or decoded unless an engine needs samples.
+//! Sequence fields arrive as JSON strings in every official example, sometimes as numbers in
+//! other stacks; both are accepted.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde::{Deserialize, Deserializer};
+
+/// One message from Twilio, as received. Unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+pub struct Inbound<'a> {
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    #[serde(rename = "sequenceNumber", default, deserialize_with = "lenient_u64")]
+    pub sequence_number: Option<u64>,
+    #[serde(rename = "streamSid", default, borrow)]
+    pub stream_sid: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub start: Option<Start>,
+    #[serde(default, borrow)]
+    pub media: Option<Media<'a>>,
+    #[serde(default, borrow)]
+    pub mark: Option<Mark<'a>>,
+    #[serde(default)]
+    pub dtmf: Option<Dtmf>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Start {
+    #[serde(default)]
+    pub account_sid: String,
+    pub stream_sid: String,
+    #[serde(default)]
+    pub call_sid: String,
+    #[serde(default)]
+    pub tracks: Vec<String>,
+    #[serde(default)]
+    pub media_format: Option<MediaFormat>,
+    #[serde(default)]
+    pub custom_parameters: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaFormat {
+    #[serde(default)]
+    pub encoding: String,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub sample_rate: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub channels: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Media<'a> {
+    #[serde(default, borrow)]
+    pub track: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub chunk: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub timestamp: Option<u64>,
+    #[serde(borrow)]
+    pub payload: Cow<'a, str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Mark<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Dtmf {
+    #[serde(default)]
+    pub track: String,
+    pub digit: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stop {
+    #[serde(default)]
+    pub account_sid: String,
+    #[serde(default)]
+    pub call_sid: String,
+}
+
+/// The typed view of an inbound message.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Connected,
+    Start(Start),
+    Media(Media<'a>),
+    Mark(Cow<'a, str>),
+    Dtmf(Dtmf),
+    Stop(Stop),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("not a JSON media-stream message: {0}")]
+    Json(String),
+    #[error("{0:?} message without its {0:?} object")]
+    Missing(String),
+    #[error("unknown event {0:?}")]
+    UnknownEvent(String),
+}
+
+pub fn parse(text: &str) -> Result<(Event<'_>, Option<u64>), ParseError> {
+    let m: Inbound<'_> = serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
+    let missing = || ParseError::Missing(m.event.to_string());
+    let ev = match &*m.event {
+        "connected" => Event::Connected,
+        "start" => Event::Start(m.start.clone().ok_or_else(missing)?),
+        "media" => {
+            let seq = m.sequence_number;
+            return Ok((
+                Event::Media(m.media.ok_or(ParseError::Missing("media".into()))?),
+                seq,
+            ));
+        }
+        "mark" => {
+            let seq = m.sequence_number;
+            return Ok((
+                Event::Mark(m.mark.ok_or(ParseError::Missing("mark".into()))?.name),
+                seq,
+            ));
+        }
+        "dtmf" => Event::Dtmf(m.dtmf.clone().ok_or_else(missing)?),
+        "stop" => Event::Stop(m.stop.clone().unwrap_or_default()),
+        other => return Err(ParseError::UnknownEvent(other.to_owned())),
+    };
+    Ok((ev, m.sequence_number))
+}
+
+fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Num<'a> {
+        N(u64),
+        S(&'a str),
+        Owned(String),
+    }
+    Ok(match Option::<Num<'_>>::deserialize(d)? {
+        None => None,
+        Some(Num::N(n)) => Some(n),
+        Some(Num::S(s)) => s.trim().parse().ok(),
+        Some(Num::Owned(s)) => s.trim().parse().ok(),
+    })
+}
+
+/// True for strings that can be placed inside a JSON string literal without escaping and are
+/// valid base64 / identifiers: what we require of anything we splice into outbound frames.
+fn json_safe(s: &str, extra: &[u8]) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+}
+
+pub fn is_base64(s: &str) -> bool {
+    json_safe(s, b"+/=")
+}
+
+/// Stream SIDs are `MZ` + hex in practice; anything JSON-safe and short is accepted.
+pub fn is_valid_stream_sid(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && json_safe(s, b"_-")
+}
+
+/// Outbound frames, written into a reused buffer. Callers guarantee `stream_sid` passed
+/// [`is_valid_stream_sid`] and payloads passed [`is_base64`], so no escaping is needed.
+pub fn write_media(buf: &mut String, stream_sid: &str, payload_b64: &str) {
+    buf.push_str("{\"event\":\"media\",\"streamSid\":\"");
+    buf.push_str(stream_sid);
+    buf.push_str("\",\"media\":{\"payload\":\"");
+    buf.push_str(payload_b64);
+    buf.push_str("\"}}");
+}
+
+pub fn write_mark(buf: &mut String, stream_sid: &str, name: &str) {
+    buf.push_str("{\"event\":\"mark\",\"streamSid\":\"");
+    buf.push_str(stream_sid);
+    buf.push_str("\",\"mark\":{\"name\":\"");
+    buf.push_str(name);
+    buf.push_str("\"}}");
+}
+
+pub fn write_clear(buf: &mut String, stream_sid: &str) {
+    buf.push_str("{\"event\":\"clear\",\"streamSid\":\"");
+    buf.push_str(stream_sid);
+    buf.push_str("\"}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_documented_messages_leniently() {
+        let (ev, seq) =
+            parse(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#).unwrap();
+        assert!(matches!(ev, Event::Connected) && seq.is_none());
+        let start = r#"{"event":"start","sequenceNumber":"1","start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1},"customParameters":{"token":"t"}},"streamSid":"MZ1"}"#;
+        match parse(start).unwrap() {
+            (Event::Start(s), Some(1)) => {
+                assert_eq!(s.custom_parameters["token"], "t");
+                assert_eq!(s.media_format.unwrap().sample_rate, Some(8000));
+            }
+            other => panic!("{other:?}"),
+        }
+        let media = r#"{"event":"media","sequenceNumber":4,"media":{"track":"inbound","chunk":"2","timestamp":"5","payload":"/w=="},"streamSid":"MZ1"}"#;
+        match parse(media).unwrap() {
+            (Event::Media(m), Some(4)) => {
+                assert_eq!((m.chunk, m.timestamp), (Some(2), Some(5)));
+                assert!(
+                    matches!(m.payload, Cow::Borrowed("/w==")),
+                    "payload is borrowed, not copied"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(parse(r#"{"event":"mark","sequenceNumber":"9","mark":{"name":"a1"}}"#).unwrap(), (Event::Mark(n), Some(9)) if n == "a1")
+        );
+        assert!(
+            matches!(parse(r#"{"event":"dtmf","dtmf":{"track":"inbound_track","digit":"1"}}"#).unwrap().0, Event::Dtmf(d) if d.digit == "1")
+        );
+        assert!(
+            matches!(parse(r#"{"event":"stop","sequenceNumber":"5","stop":{"accountSid":"AC","callSid":"CA"}}"#).unwrap().0, Event::Stop(s) if s.call_sid == "CA")
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(parse("not json"), Err(ParseError::Json(_))));
+        assert!(matches!(
+            parse(r#"{"event":"media"}"#),
+            Err(ParseError::Missing(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"event":"start"}"#),
+            Err(ParseError::Missing(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"event":"bogus"}"#),
+            Err(ParseError::UnknownEvent(_))
+        ));
+    }
+
+    #[test]
+    fn writes_outbound_frames() {
+        let mut b = String::new();
+        write_media(&mut b, "MZ1", "/w==");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"media","streamSid":"MZ1","media":{"payload":"/w=="}})
+        );
+        b.clear();
+        write_mark(&mut b, "MZ1", "r1");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["mark"]["name"], "r1");
+        b.clear();
+        write_clear(&mut b, "MZ1");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v, serde_json::json!({"event":"clear","streamSid":"MZ1"}));
+        assert!(is_base64("AbC+/=") && !is_base64("a\"b"));
+        assert!(!is_valid_stream_sid("MZ\"1") && is_valid_stream_sid("MZ0123abc"));
+    }
+}

@@ -1,0 +1,5 @@
+//! Twilio: webhook signatures, TwiML, Media Streams messages, and the REST client.
+
+pub mod media;
+pub mod signature;
+pub mod twiml;

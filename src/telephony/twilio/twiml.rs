@@ -1,0 +1,69 @@
+//! TwiML responses, always built with XML escaping (values come from tenants and callers).
+
+/// Escapes text for XML content and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // Control characters other than tab/newline are not allowed in XML 1.0.
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const HEADER: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>";
+
+/// `<Connect><Stream url=…>` with `<Parameter>`s: a bidirectional media stream. When the
+/// socket closes, the following `<Hangup/>` ends the call instead of leaving dead air.
+pub fn connect_stream(url: &str, params: &[(&str, &str)]) -> String {
+    let mut xml = format!(
+        "{HEADER}<Response><Connect><Stream url=\"{}\">",
+        escape(url)
+    );
+    for (name, value) in params {
+        xml.push_str(&format!(
+            "<Parameter name=\"{}\" value=\"{}\"/>",
+            escape(name),
+            escape(value)
+        ));
+    }
+    xml.push_str("</Stream></Connect><Hangup/></Response>");
+    xml
+}
+
+/// A short spoken message, then hang up.
+pub fn say_hangup(text: &str) -> String {
+    format!(
+        "{HEADER}<Response><Say>{}</Say><Hangup/></Response>",
+        escape(text)
+    )
+}
+
+/// Hang up at once.
+pub fn hangup() -> String {
+    format!("{HEADER}<Response><Hangup/></Response>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_everything_user_controlled() {
+        let x = connect_stream("wss://h/media?x=1&y=\"2\"", &[("token", "a<b>&'c'")]);
+        assert!(
+            x.contains("url=\"wss://h/media?x=1&amp;y=&quot;2&quot;\""),
+            "{x}"
+        );
+        assert!(x.contains("value=\"a&lt;b&gt;&amp;&apos;c&apos;\""), "{x}");
+        let s = say_hangup("Sorry </Say><Dial>+1900</Dial>\u{1}");
+        assert!(!s.contains("<Dial>") && !s.contains('\u{1}'), "{s}");
+    }
+}
