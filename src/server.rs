@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+use crate::calls::manager::CallManager;
 use crate::config::{Config, TlsMode};
-use crate::store::{self, Store, keys};
+use crate::store::{self, Store, keys, tenants};
+use tokio_util::sync::CancellationToken;
 
 /// Written to `data_dir/serve.json` while the server runs, so local CLI commands can find it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +46,27 @@ pub fn ensure_admin_key(
     Ok(Some((path, created.key)))
 }
 
+/// With simulated telephony and no tenants yet, a `demo` tenant lets `voicectl call` work at
+/// once (the admin key may omit the tenant when there is exactly one).
+fn ensure_demo_tenant(store: &Store) -> anyhow::Result<()> {
+    let empty = store.blocking(|c| Ok(tenants::list(c)?.is_empty()))?;
+    if empty {
+        store.blocking(|c| {
+            tenants::create(
+                c,
+                tenants::TenantPatch {
+                    name: Some("demo".into()),
+                    company: Some("voicectl demo".into()),
+                    numbers: Some(vec!["+15005550100".into()]),
+                    ..Default::default()
+                },
+            )
+        })?;
+        tracing::info!("created tenant \"demo\" (number +15005550100) for the simulator");
+    }
+    Ok(())
+}
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let data_dir = config.server.data_dir.clone();
@@ -65,6 +88,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some((path, _)) = ensure_admin_key(&store, &data_dir)? {
         tracing::info!(path = %path.display(), "created admin API key (the file holds the secret)");
     }
+    if config.twilio.simulate {
+        ensure_demo_tenant(&store)?;
+    }
 
     let listener = TcpListener::bind(&config.server.listen)
         .await
@@ -80,7 +106,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         serde_json::to_string(&runtime)?.as_bytes(),
     )?;
 
-    let state = AppState::new(store, config.clone());
+    if config.twilio.simulate {
+        tracing::warn!("twilio.simulate is on: calls go to the built-in simulator, not to Twilio");
+    }
+    let shutdown = CancellationToken::new();
+    let manager = CallManager::new(store.clone(), config.clone(), shutdown.clone())?;
+    manager
+        .recover()
+        .await
+        .context("closing calls interrupted by the last stop")?;
+    manager.spawn_workers();
+    let state = AppState::with_manager(store, config.clone(), manager);
     let app = api::app(state.clone());
     tracing::info!(%addr, public_url = %config.public_url(), version = env!("CARGO_PKG_VERSION"), "listening");
 
@@ -95,6 +131,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutdown requested; draining");
     })
     .await;
+    shutdown.cancel();
     let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
     result.context("server failed")?;
     tracing::info!("stopped");

@@ -1,21 +1,253 @@
 //! The read side of calls. A tenant key sees its own calls only; another tenant's call is 404.
 
+use std::convert::Infallible;
+
 use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::{get, post};
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::calls::CallStatus;
+use crate::calls::live::CallEvent;
+use crate::calls::manager::{CallError, CreateCallRequest};
 use crate::store::calls::{self, Call, Cursor, ListQuery, Scope};
 use crate::store::tenants;
+use crate::timefmt;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/calls", get(list))
+        .route("/calls", get(list).post(create))
+        .route("/calls/active", get(active))
+        .route("/calls/analytics", get(analytics))
         .route("/calls/{id}", get(show))
+        .route("/calls/{id}/end", post(end))
+        .route("/calls/{id}/transcript", get(transcript))
+        .route("/calls/{id}/events", get(events))
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Store(s) => s.into(),
+            CallError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", m)
+            }
+        }
+    }
+}
+
+async fn create(
+    State(s): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Json(req): Json<CreateCallRequest>,
+) -> Result<(StatusCode, Json<Call>), ApiError> {
+    if req.tenant.is_some() && !auth.is_admin() {
+        return Err(ApiError::bad_request(
+            "tenant",
+            "only the admin key may name a tenant",
+        ));
+    }
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::bad_request("Idempotency-Key", "must be visible ASCII"))
+        })
+        .transpose()?;
+    let (call, created) = s.calls().create(auth.scope(), req, key).await?;
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(call),
+    ))
+}
+
+async fn end(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Call>, ApiError> {
+    Ok(Json(s.calls().end(auth.scope(), &id, "api_end").await?))
+}
+
+async fn transcript(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let scope = auth.scope();
+    let entries = s
+        .store()
+        .run(move |c| calls::transcript(c, scope, &id))
+        .await?;
+    Ok(Json(json!({ "entries": entries })))
+}
+
+async fn active(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    let scope = auth.scope();
+    let live = s.store().run(move |c| calls::active(c, scope)).await?;
+    Ok(Json(json!({ "calls": live })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnalyticsParams {
+    since: Option<String>,
+    tenant: Option<String>,
+}
+
+async fn analytics(
+    State(s): State<AppState>,
+    auth: Auth,
+    Query(p): Query<AnalyticsParams>,
+) -> Result<Json<calls::Analytics>, ApiError> {
+    let since = p
+        .since
+        .as_deref()
+        .map(|v| {
+            timefmt::parse_since(v).ok_or_else(|| {
+                ApiError::bad_request(
+                    "since",
+                    "use RFC 3339 (2026-11-01T00:00:00Z) or an age such as 24h",
+                )
+            })
+        })
+        .transpose()?;
+    let scope = auth.scope();
+    let tenant = p.tenant.filter(|t| !t.is_empty());
+    Ok(Json(
+        s.store()
+            .run(move |c| {
+                let scope = match (scope, tenant) {
+                    (Scope::All, Some(name)) => Scope::Tenant(tenants::get(c, &name)?.id),
+                    (scope, _) => scope,
+                };
+                calls::analytics(c, scope, since)
+            })
+            .await?,
+    ))
+}
+
+/// Server-Sent Events: the call's history so far (status changes, transcript lines), then
+/// live events until it ends. A finished call replays its history and closes.
+async fn events(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let scope = auth.scope();
+    // Subscribe before reading history so nothing falls between the two.
+    let call = {
+        let id = id.clone();
+        s.store().run(move |c| calls::get(c, scope, &id)).await?
+    };
+    let live = (!call.status.is_terminal()).then(|| s.calls().live.get_or_create(&id));
+    let rx = live.as_ref().map(|l| l.events.subscribe());
+    let (history, transcript, call) = {
+        let id = id.clone();
+        s.store()
+            .run(move |c| {
+                Ok((
+                    calls::events(c, &id)?,
+                    calls::transcript(c, Scope::All, &id)?,
+                    calls::get(c, Scope::All, &id)?,
+                ))
+            })
+            .await?
+    };
+    if call.status.is_terminal() && live.is_some() {
+        // It ended between our two reads: the entry we made will never be finished.
+        s.calls().live.discard(&id);
+    }
+    let mut backlog: Vec<(i64, CallEvent)> = Vec::new();
+    let created = call.created_ms;
+    for (at, kind, data) in history {
+        if kind == "status"
+            && let Some(status) = data["status"].as_str().and_then(CallStatus::parse)
+        {
+            let end_reason = data["end_reason"].as_str().map(str::to_owned);
+            backlog.push((at - created, CallEvent::Status { status, end_reason }));
+        }
+    }
+    let started = call.started_at.is_some();
+    for e in transcript {
+        // Transcript times are relative to the media stream; order them after the status
+        // change that started it.
+        backlog.push((
+            if started {
+                i64::MAX / 2 + e.at_ms
+            } else {
+                e.at_ms
+            },
+            CallEvent::Transcript {
+                speaker: e.speaker,
+                text: e.text,
+                at_ms: e.at_ms,
+            },
+        ));
+    }
+    backlog.sort_by_key(|(k, _)| *k);
+    // Live events already in the backlog (written between subscribing and reading) are skipped.
+    let mut seen_rank = 0u8;
+    let mut seen_lines = std::collections::HashSet::new();
+    for (_, e) in &backlog {
+        match e {
+            CallEvent::Status { status, .. } => seen_rank = seen_rank.max(status.rank()),
+            CallEvent::Transcript { at_ms, text, .. } => {
+                seen_lines.insert((*at_ms, text.clone()));
+            }
+        }
+    }
+    let done = call.status.is_terminal();
+    let replay = futures_util::stream::iter(backlog.into_iter().map(|(_, e)| e));
+    let live_stream = futures_util::stream::unfold((rx, done), |(rx, done)| async move {
+        let mut rx = rx?;
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let end =
+                        matches!(&ev, CallEvent::Status { status, .. } if status.is_terminal());
+                    return Some((ev, (Some(rx), end)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let live_stream = live_stream.filter(move |ev| {
+        let fresh = match ev {
+            CallEvent::Status { status, .. } => status.rank() > seen_rank,
+            CallEvent::Transcript { at_ms, text, .. } => {
+                !seen_lines.contains(&(*at_ms, text.clone()))
+            }
+        };
+        std::future::ready(fresh)
+    });
+    let stream = replay.chain(live_stream).map(|ev| {
+        let name = match &ev {
+            CallEvent::Status { .. } => "status",
+            CallEvent::Transcript { .. } => "transcript",
+        };
+        Ok(SseEvent::default()
+            .event(name)
+            .json_data(&ev)
+            .unwrap_or_default())
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 #[derive(Deserialize)]

@@ -99,6 +99,14 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::not_found(what),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::Invalid { field, message } => ApiError::bad_request(&field, message),
+            StoreError::RateLimited { retry_after_secs } => ApiError {
+                retry_after: Some(retry_after_secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("too many new calls for this tenant; retry in {retry_after_secs} s"),
+                )
+            },
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::internal()

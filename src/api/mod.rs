@@ -6,6 +6,7 @@ mod calls;
 pub mod error;
 mod health;
 mod tenants;
+mod twilio;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,7 @@ use tracing::Instrument;
 pub use auth::Auth;
 pub use error::ApiError;
 
+use crate::calls::manager::CallManager;
 use crate::config::Config;
 use crate::store::Store;
 
@@ -34,16 +36,31 @@ pub struct Inner {
     pub config: Arc<Config>,
     pub started: Instant,
     draining: AtomicBool,
+    calls: Arc<CallManager>,
 }
 
 impl AppState {
+    /// State with a call manager whose background workers are not started (tests that only
+    /// exercise the HTTP surface). `serve` uses [`AppState::with_manager`].
     pub fn new(store: Store, config: Arc<Config>) -> Self {
+        let calls = CallManager::new(store.clone(), config.clone(), Default::default())
+            // Only fails if the HTTP client cannot be built (no TLS backend): a build defect.
+            .expect("HTTP client");
+        Self::with_manager(store, config, calls)
+    }
+
+    pub fn with_manager(store: Store, config: Arc<Config>, calls: Arc<CallManager>) -> Self {
         Self(Arc::new(Inner {
             store,
             config,
             started: Instant::now(),
             draining: AtomicBool::new(false),
+            calls,
         }))
+    }
+
+    pub fn calls(&self) -> &Arc<CallManager> {
+        &self.0.calls
     }
 
     pub fn store(&self) -> &Store {
@@ -60,6 +77,7 @@ impl AppState {
 
     pub fn set_draining(&self) {
         self.0.draining.store(true, Ordering::SeqCst);
+        self.0.calls.set_draining();
     }
 
     pub fn is_draining(&self) -> bool {
@@ -75,6 +93,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     Router::new()
         .nest("/api/v1", api)
+        .nest("/twilio", twilio::routes())
         .merge(health::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) })
         .layer(DefaultBodyLimit::max(max_body))

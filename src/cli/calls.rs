@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::{Ctx, not_yet, output};
+use super::client::LocalServer;
+use super::{Ctx, output};
 use crate::calls::CallStatus;
 use crate::store::Store;
 use crate::store::calls::{self, Call, ListQuery, Scope};
@@ -46,9 +47,92 @@ pub enum CallsCmd {
     End { id: String },
 }
 
-pub fn call(_ctx: &Ctx, args: CallArgs) -> anyhow::Result<ExitCode> {
+/// Exit status of `voicectl call` when the call ended other than `completed`.
+const NOT_COMPLETED: u8 = 4;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn call(ctx: &Ctx, args: CallArgs) -> anyhow::Result<ExitCode> {
     crate::phone::E164::parse(&args.number)?;
-    not_yet("call")
+    let cfg = ctx.load_config()?;
+    let server = LocalServer::connect(&cfg)?;
+    let mut body = serde_json::json!({ "to": args.number });
+    for (k, v) in [
+        ("tenant", &args.tenant),
+        ("from", &args.from_number),
+        ("system_prompt", &args.prompt),
+        ("greeting", &args.greeting),
+        ("engine", &args.engine),
+    ] {
+        if let Some(v) = v {
+            body[k] = v.clone().into();
+        }
+    }
+    let json = ctx.json;
+    runtime()?.block_on(async move {
+        let call = server.post("/api/v1/calls", &body).await?;
+        let id = call["id"].as_str().unwrap_or_default().to_owned();
+        if args.no_wait {
+            if json {
+                output::json(&call)?;
+            } else {
+                println!("{id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !json {
+            println!(
+                "Calling {} as call {id} (tenant {})",
+                args.number,
+                call["tenant"].as_str().unwrap_or("?")
+            );
+        }
+        let started = std::time::Instant::now();
+        server
+            .follow(&format!("/api/v1/calls/{id}/events"), |name, ev| {
+                if json {
+                    println!("{}", serde_json::json!({"event": name, "data": ev}));
+                    return;
+                }
+                let t = started.elapsed().as_secs_f64();
+                match name {
+                    "status" => println!("[{t:5.1}s] {}", ev["status"].as_str().unwrap_or("?")),
+                    "transcript" => println!(
+                        "[{t:5.1}s]   {}: {}",
+                        ev["speaker"].as_str().unwrap_or("?"),
+                        ev["text"].as_str().unwrap_or("")
+                    ),
+                    _ => {}
+                }
+            })
+            .await?;
+        let fin = server.get(&format!("/api/v1/calls/{id}")).await?;
+        let status = fin["status"].as_str().unwrap_or("?");
+        if json {
+            output::json(&fin)?;
+        } else {
+            println!(
+                "Call {status}{}{}",
+                fin["end_reason"]
+                    .as_str()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+                fin["duration_seconds"]
+                    .as_i64()
+                    .map(|d| format!(", {d} s"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(if status == "completed" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(NOT_COMPLETED)
+        })
+    })
 }
 
 fn open(ctx: &Ctx) -> anyhow::Result<Store> {
@@ -110,11 +194,18 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
         }
         CallsCmd::Show { id } => {
             let store = open(ctx)?;
-            let c = store
-                .blocking(|c| calls::get(c, Scope::All, &id))
+            let (c, transcript) = store
+                .blocking(|c| {
+                    Ok((
+                        calls::get(c, Scope::All, &id)?,
+                        calls::transcript(c, Scope::All, &id)?,
+                    ))
+                })
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             if ctx.json {
-                return output::json(&c).map(|_| ExitCode::SUCCESS);
+                let mut v = serde_json::to_value(&c)?;
+                v["transcript"] = serde_json::to_value(&transcript)?;
+                return output::json(&v).map(|_| ExitCode::SUCCESS);
             }
             output::fields(&[
                 ("id", c.id.to_string()),
@@ -131,8 +222,30 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
                 ("end_reason", output::opt(&c.end_reason)),
                 ("error", output::opt(&c.error)),
             ]);
+            if !transcript.is_empty() {
+                println!("\ntranscript:");
+                for e in &transcript {
+                    println!(
+                        "  [{:6.1}s] {}: {}",
+                        e.at_ms as f64 / 1000.0,
+                        e.speaker,
+                        e.text
+                    );
+                }
+            }
         }
-        CallsCmd::End { .. } => return not_yet("calls end"),
+        CallsCmd::End { id } => {
+            let cfg = ctx.load_config()?;
+            let server = LocalServer::connect(&cfg)?;
+            let call = runtime()?.block_on(
+                server.post(&format!("/api/v1/calls/{id}/end"), &serde_json::json!({})),
+            )?;
+            if ctx.json {
+                output::json(&call)?;
+            } else {
+                println!("Call {id}: {}", call["status"].as_str().unwrap_or("?"));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,6 +69,7 @@ pub fn render_template(domain: &str, email: &str, data_dir: &Path, dev: bool) ->
         .replace("{{tls_mode}}", tls)
         .replace("{{engine}}", engine)
         .replace("{{public_url}}", public_url)
+        .replace("{{simulate}}", if dev { "true" } else { "false" })
 }
 
 pub fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<ExitCode> {

@@ -2,6 +2,7 @@
 
 mod admin;
 mod calls;
+mod client;
 pub mod init;
 mod output;
 

@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub drain_timeout: HumanDuration,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// A call still queued (over capacity) after this long is canceled, not dialed late.
+    pub queue_timeout: HumanDuration,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
             max_concurrent_calls: 1000,
             drain_timeout: HumanDuration::from_secs(60),
             max_body_bytes: 64 * 1024,
+            queue_timeout: HumanDuration::from_secs(10 * 60),
         }
     }
 }
@@ -135,6 +138,12 @@ pub struct TwilioConfig {
     pub from_number: String,
     pub api_base_url: String,
     pub validate_signatures: bool,
+    /// Outbound call creations per second (Twilio's default account limit is 1).
+    pub calls_per_second: f64,
+    /// How long an outbound call rings before it is `no_answer`.
+    pub ring_timeout: HumanDuration,
+    /// Replace Twilio with the built-in simulator (development and demos; `serve --dev`).
+    pub simulate: bool,
 }
 
 impl Default for TwilioConfig {
@@ -146,6 +155,9 @@ impl Default for TwilioConfig {
             from_number: String::new(),
             api_base_url: "https://api.twilio.com".into(),
             validate_signatures: true,
+            calls_per_second: 1.0,
+            ring_timeout: HumanDuration::from_secs(30),
+            simulate: false,
         }
     }
 }
@@ -191,6 +203,12 @@ pub struct AgentConfig {
     pub voice: String,
     pub max_call_duration: HumanDuration,
     pub silence_timeout: HumanDuration,
+    /// Inbound calls: the agent speaks first (the greeting) rather than waiting for the caller.
+    pub greet_inbound: bool,
+    /// Said before the agent hangs up (governors, end of script, shutdown).
+    pub goodbye: String,
+    /// The `scripted` engine's answers to caller turns, in order; then `goodbye`.
+    pub script: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -202,6 +220,12 @@ impl Default for AgentConfig {
             voice: "alloy".into(),
             max_call_duration: HumanDuration::from_secs(15 * 60),
             silence_timeout: HumanDuration::from_secs(10),
+            greet_inbound: true,
+            goodbye: "Thank you for calling. Goodbye!".into(),
+            script: vec![
+                "Thanks, I heard you. This is the voicectl demo agent.".into(),
+                "Got it. Anything else?".into(),
+            ],
         }
     }
 }
@@ -352,6 +376,8 @@ impl Config {
         cfg.twilio.account_sid = "ACdev0000000000000000000000000000".into();
         cfg.twilio.auth_token = Secret::new("dev-auth-token");
         cfg.twilio.from_number = "+15005550006".into();
+        cfg.twilio.simulate = true;
+        cfg.twilio.calls_per_second = 10.0;
         cfg.agent.engine = EngineKind::Scripted;
         cfg
     }
@@ -540,6 +566,21 @@ impl Config {
                 "must be at most 4h (Twilio's own TimeLimit cap)".into(),
             ));
         }
+        if !(self.twilio.calls_per_second > 0.0 && self.twilio.calls_per_second <= 1000.0) {
+            return Err(bad(
+                "twilio.calls_per_second",
+                "must be more than 0 and at most 1000".into(),
+            ));
+        }
+        if !(5..=600).contains(&self.twilio.ring_timeout.as_secs()) {
+            return Err(bad(
+                "twilio.ring_timeout",
+                "must be between 5s and 10m".into(),
+            ));
+        }
+        if self.server.queue_timeout.as_secs() < 1 {
+            return Err(bad("server.queue_timeout", "must be at least 1s".into()));
+        }
         if self.agent.silence_timeout.as_secs() < 1 {
             return Err(bad("agent.silence_timeout", "must be at least 1s".into()));
         }
@@ -577,6 +618,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The media-stream WebSocket URL handed to Twilio (`wss://` for an `https://` base).
+    pub fn media_url(&self) -> String {
+        let base = self.public_url();
+        let ws = match base.strip_prefix("https://") {
+            Some(rest) => format!("wss://{rest}"),
+            None => format!("ws://{}", base.trim_start_matches("http://")),
+        };
+        format!("{ws}/twilio/media")
     }
 
     /// The public base URL Twilio reaches us on, without a trailing slash.

@@ -1,6 +1,7 @@
 //! Audio on the call path: formats, the μ-law codec, and the bridge between the phone stream
 //! and a voice engine.
 
+pub mod bridge;
 pub mod mulaw;
 
 /// Formats that cross our edges. Twilio speaks only μ-law 8 kHz mono.

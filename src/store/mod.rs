@@ -43,6 +43,8 @@ pub enum StoreError {
     },
     #[error("database task failed: {0}")]
     Task(String),
+    #[error("rate limit reached; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
 }
 
 impl StoreError {

@@ -1,0 +1,168 @@
+//! Twilio's side of the HTTP surface: signed webhooks (inbound voice, answer, status, AMD)
+//! and the media-stream WebSocket. Every request must carry a valid `X-Twilio-Signature`
+//! computed over our public URL; otherwise 403 and nothing changes.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{OriginalUri, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use super::error::Path;
+use super::{ApiError, AppState};
+use crate::ids::CallId;
+use crate::telephony::twilio::signature;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/voice", post(voice))
+        .route("/answer/{id}", post(answer))
+        .route("/status/{id}", post(status))
+        .route("/amd/{id}", post(amd))
+        .route("/media", get(media))
+}
+
+fn forbidden() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "invalid_signature",
+        "missing or invalid X-Twilio-Signature",
+    )
+}
+
+/// Checks the signature over `url` and the form `params`.
+fn verify(
+    state: &AppState,
+    headers: &HeaderMap,
+    url: &str,
+    params: &[(String, String)],
+) -> Result<(), ApiError> {
+    let cfg = &state.config().twilio;
+    if !cfg.validate_signatures {
+        return Ok(());
+    }
+    let sig = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if signature::validate(cfg.auth_token.expose(), url, params, sig) {
+        Ok(())
+    } else {
+        tracing::warn!(
+            url,
+            "rejected a Twilio request with a bad or missing signature"
+        );
+        Err(forbidden())
+    }
+}
+
+/// A signed, form-encoded webhook: parsed params after the signature checked out.
+async fn signed_form(
+    state: &AppState,
+    uri: &OriginalUri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !is_form && !body.is_empty() {
+        return Err(ApiError::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+    }
+    let params: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+    let path = uri.0.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{}{path}", state.config().public_url());
+    verify(state, headers, &url, &params)?;
+    Ok(params)
+}
+
+fn twiml(xml: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
+}
+
+fn call_id(id: &str) -> Result<CallId, ApiError> {
+    CallId::parse(id).ok_or_else(|| ApiError::not_found("call"))
+}
+
+async fn voice(
+    State(s): State<AppState>,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = signed_form(&s, &uri, &headers, &body).await?;
+    Ok(twiml(s.calls().inbound(&params).await))
+}
+
+async fn answer(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = signed_form(&s, &uri, &headers, &body).await?;
+    let id = call_id(&id)?;
+    Ok(twiml(s.calls().answer(id.as_str(), &params).await))
+}
+
+async fn status(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let params = signed_form(&s, &uri, &headers, &body).await?;
+    let id = call_id(&id)?;
+    let known = s
+        .store()
+        .run({
+            let id = id.to_string();
+            move |c| crate::store::calls::get(c, crate::store::calls::Scope::All, &id).map(|_| ())
+        })
+        .await;
+    if known.is_err() {
+        tracing::warn!(call_id = %id, "status callback for an unknown call");
+        return Err(ApiError::not_found("call"));
+    }
+    if !s.calls().status_callback(id.as_str(), &params).await {
+        return Err(ApiError::bad_request("CallStatus", "missing or unknown"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn amd(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let params = signed_form(&s, &uri, &headers, &body).await?;
+    let id = call_id(&id)?;
+    let answered_by = params
+        .iter()
+        .find(|(k, _)| k == "AnsweredBy")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| ApiError::bad_request("AnsweredBy", "missing"))?;
+    s.calls().amd_callback(id.as_str(), &answered_by).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The media stream. The upgrade must be signed over our `ws(s)://…/twilio/media` URL with
+/// no params; the per-call token is checked on `start` by the bridge.
+async fn media(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    verify(&s, &headers, &s.config().media_url(), &[])?;
+    let ws = ws.map_err(|r| ApiError::new(r.status(), "invalid_request", r.body_text()))?;
+    let m = s.calls().clone();
+    Ok(ws
+        .max_message_size(256 * 1024)
+        .on_upgrade(move |socket| crate::media::bridge::serve(m, socket)))
+}

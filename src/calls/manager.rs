@@ -1,0 +1,804 @@
+//! The call lifecycle: accept and persist outbound calls, dial them within capacity and
+//! pace, apply provider callbacks, end calls, and recover after a restart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::CallStatus;
+use super::live::{CallEvent, Registry};
+use crate::config::{Config, EngineKind, HumanDuration};
+use crate::ids::random_token;
+use crate::phone::E164;
+use crate::store::calls::{self, Call, OutboundRequest, Scope, Transition};
+use crate::store::{Store, StoreError, tenants};
+use crate::telephony::twilio::rest::{CreateCall, TwilioClient, TwilioError};
+use crate::telephony::twilio::twiml;
+
+/// The body of `POST /calls`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCallRequest {
+    pub to: String,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub greeting: Option<String>,
+    #[serde(default)]
+    pub engine: Option<String>,
+    #[serde(default)]
+    pub voice: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_duration: Option<String>,
+    #[serde(default)]
+    pub machine_detection: Option<bool>,
+    /// Admin keys name the tenant the call belongs to.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub struct CallManager {
+    store: Store,
+    config: Arc<Config>,
+    twilio: TwilioClient,
+    pub live: Registry,
+    dial_wake: Notify,
+    outbox_wake: Notify,
+    draining: AtomicBool,
+    shutdown: CancellationToken,
+}
+
+/// The stream token is random; only its hash is stored, and it is consumed on first use.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl CallManager {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let twilio = TwilioClient::new(
+            &config.twilio.api_base_url,
+            &config.twilio.account_sid,
+            config.twilio.auth_token.clone(),
+        )?;
+        Ok(Arc::new(Self {
+            store,
+            config,
+            twilio,
+            live: Registry::default(),
+            dial_wake: Notify::new(),
+            outbox_wake: Notify::new(),
+            draining: AtomicBool::new(false),
+            shutdown,
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn twilio(&self) -> &TwilioClient {
+        &self.twilio
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Stop dialing: new calls stay queued (persisted) for the next start.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts the background workers: the dialer and the tenant-webhook outbox.
+    pub fn spawn_workers(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.dialer().await });
+        let me = self.clone();
+        tokio::spawn(async move { super::outbox::run(me).await });
+    }
+
+    pub(crate) fn outbox_wake(&self) -> &Notify {
+        &self.outbox_wake
+    }
+
+    // ---- create -------------------------------------------------------------------
+
+    /// Validates and persists an outbound call (queued), then wakes the dialer. Returns the
+    /// call and whether it was created now (false: an idempotent replay).
+    pub async fn create(
+        &self,
+        scope: Scope,
+        req: CreateCallRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<(Call, bool), CallError> {
+        let to = E164::parse(&req.to).map_err(|e| StoreError::invalid("to", e.to_string()))?;
+        if let Some(k) = &idempotency_key
+            && (k.is_empty() || k.len() > 255)
+        {
+            return Err(
+                StoreError::invalid("Idempotency-Key", "must be 1 to 255 characters").into(),
+            );
+        }
+        let max_duration = req
+            .max_duration
+            .as_deref()
+            .map(|d| {
+                let d =
+                    HumanDuration::parse(d).map_err(|e| StoreError::invalid("max_duration", e))?;
+                if !(10..=4 * 3600).contains(&d.as_secs()) {
+                    return Err(StoreError::invalid(
+                        "max_duration",
+                        "must be between 10s and 4h",
+                    ));
+                }
+                Ok(d.as_secs() as i64)
+            })
+            .transpose()?;
+        let metadata = match &req.metadata {
+            None => serde_json::json!({}),
+            Some(v @ serde_json::Value::Object(m)) if v.to_string().len() <= 16 * 1024 => {
+                serde_json::Value::Object(m.clone())
+            }
+            Some(serde_json::Value::Object(_)) => {
+                return Err(StoreError::invalid("metadata", "larger than 16 KiB").into());
+            }
+            Some(_) => return Err(StoreError::invalid("metadata", "must be a JSON object").into()),
+        };
+        for (field, v, max) in [
+            ("system_prompt", &req.system_prompt, 20_000),
+            ("greeting", &req.greeting, 2_000),
+            ("voice", &req.voice, 100),
+        ] {
+            if v.as_ref().is_some_and(|s| s.chars().count() > max) {
+                return Err(StoreError::invalid(
+                    field,
+                    format!("too long (at most {max} characters)"),
+                )
+                .into());
+            }
+        }
+        let config = self.config.clone();
+        let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
+        let (call, created) = self
+            .store
+            .run(move |c| {
+                let tenant = match (scope, &req.tenant) {
+                    (Scope::Tenant(id), _) => tenants::get_by_id(c, id)?,
+                    (Scope::All, Some(name)) => tenants::get(c, name)?,
+                    (Scope::All, None) => {
+                        // An admin with a single tenant need not name it (the dev flow).
+                        let mut all = tenants::list(c)?;
+                        if all.len() != 1 {
+                            return Err(StoreError::invalid(
+                                "tenant",
+                                "required with the admin key (name the tenant the call is for)",
+                            ));
+                        }
+                        all.remove(0)
+                    }
+                };
+                let from = req
+                    .from
+                    .clone()
+                    .or_else(|| tenant.from_number.clone())
+                    .or_else(|| Some(config.twilio.from_number.clone()).filter(|f| !f.is_empty()))
+                    .ok_or_else(|| {
+                        StoreError::invalid(
+                            "from",
+                            "no caller ID: pass from, or set the tenant's from_number or twilio.from_number",
+                        )
+                    })?;
+                E164::parse(&from).map_err(|e| StoreError::invalid("from", e.to_string()))?;
+                let engine = match req.engine.as_deref().or(tenant.engine.as_deref()) {
+                    Some(e) => EngineKind::parse(e).ok_or_else(|| {
+                        StoreError::invalid("engine", format!("unknown engine {e:?}"))
+                    })?,
+                    None => config.agent.engine,
+                };
+                let max_per_minute = tenant
+                    .calls_per_minute
+                    .unwrap_or(config.limits.calls_per_minute_per_tenant)
+                    as i64;
+                calls::create_outbound(
+                    c,
+                    &OutboundRequest {
+                        tenant_id: tenant.id,
+                        to: to.to_string(),
+                        from,
+                        engine: engine.to_string(),
+                        system_prompt: req.system_prompt,
+                        greeting: req.greeting,
+                        voice: req.voice,
+                        max_duration_secs: max_duration,
+                        machine_detection: req.machine_detection.unwrap_or(false),
+                        metadata,
+                        idempotency_key,
+                        request_hash: hash,
+                    },
+                    max_per_minute,
+                )
+            })
+            .await?;
+        if created {
+            tracing::info!(call_id = %call.id, tenant = %call.tenant, to = %call.to, "call queued");
+            self.dial_wake.notify_one();
+        }
+        Ok((call, created))
+    }
+
+    // ---- dialing ------------------------------------------------------------------
+
+    async fn dialer(self: Arc<Self>) {
+        let mut pacer = Pacer::new(self.config.twilio.calls_per_second);
+        let queue_timeout_ms = self.config.server.queue_timeout.0.as_millis() as i64;
+        loop {
+            tokio::select! {
+                _ = self.dial_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.expire_queue(queue_timeout_ms).await {
+                tracing::error!(error = %e, "expiring queued calls failed");
+            }
+            if self.is_draining() {
+                continue;
+            }
+            let max = self.config.server.max_concurrent_calls as i64;
+            let work = self
+                .store
+                .run(|c| {
+                    let queued = calls::queued(c, 200)?;
+                    let (live, per_tenant) = calls::live_counts(c)?;
+                    let caps: HashMap<i64, Option<u32>> = tenants::list(c)?
+                        .into_iter()
+                        .map(|t| (t.id, t.max_concurrent_calls))
+                        .collect();
+                    Ok((queued, live, per_tenant, caps))
+                })
+                .await;
+            let (queued, mut live, mut per_tenant, caps) = match work {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "dialer cannot read the queue");
+                    continue;
+                }
+            };
+            for (id, tenant_id, _) in queued {
+                if live >= max || self.is_draining() {
+                    break;
+                }
+                let used = per_tenant.entry(tenant_id).or_insert(0);
+                if caps
+                    .get(&tenant_id)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|cap| *used >= cap as i64)
+                {
+                    // This tenant is full; later calls of other tenants may still go.
+                    continue;
+                }
+                tokio::select! {
+                    _ = pacer.wait() => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+                let claim_id = id.clone();
+                match self
+                    .store
+                    .run(move |c| calls::claim_for_dialing(c, &claim_id))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, call_id = %id, "cannot claim call");
+                        continue;
+                    }
+                }
+                live += 1;
+                *used += 1;
+                self.live.publish(
+                    &id,
+                    CallEvent::Status {
+                        status: CallStatus::Initiating,
+                        end_reason: None,
+                    },
+                );
+                let me = self.clone();
+                tokio::spawn(async move { me.dial(id).await });
+            }
+        }
+    }
+
+    async fn dial(self: Arc<Self>, id: String) {
+        let detail_id = id.clone();
+        let detail = match self.store.run(move |c| calls::detail(c, &detail_id)).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(call_id = %id, error = %e, "cannot load call to dial");
+                return;
+            }
+        };
+        let base = self.config.public_url();
+        let req = CreateCall {
+            to: detail.call.to.clone(),
+            from: detail.call.from.clone(),
+            answer_url: format!("{base}/twilio/answer/{id}"),
+            status_callback: format!("{base}/twilio/status/{id}"),
+            timeout_secs: self.config.twilio.ring_timeout.as_secs() as u32,
+            time_limit_secs: detail
+                .max_duration_secs
+                .map(|s| s as u64)
+                .unwrap_or(self.config.agent.max_call_duration.as_secs()),
+            amd_callback: detail
+                .machine_detection
+                .then(|| format!("{base}/twilio/amd/{id}")),
+        };
+        match self.twilio.create_call(&req).await {
+            Ok(res) => {
+                tracing::info!(call_id = %id, call_sid = %res.sid, "call created at Twilio");
+                let sid = res.sid.clone();
+                let sid_id = id.clone();
+                if let Err(e) = self
+                    .store
+                    .run(move |c| calls::set_twilio_sid(c, &sid_id, &sid))
+                    .await
+                {
+                    tracing::error!(call_id = %id, error = %e, "cannot store call SID");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(call_id = %id, error = %e, "Twilio refused the call");
+                let reason = if matches!(e, TwilioError::Api { .. }) {
+                    "twilio_error"
+                } else {
+                    "twilio_unreachable"
+                };
+                self.apply(
+                    &id,
+                    Transition {
+                        status: Some(CallStatus::Failed),
+                        end_reason: Some(reason.into()),
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn expire_queue(&self, max_age_ms: i64) -> Result<(), StoreError> {
+        let expired = self
+            .store
+            .run(move |c| calls::expired_queued(c, max_age_ms))
+            .await?;
+        for id in expired {
+            tracing::warn!(call_id = %id, "queued call expired before a line was free");
+            self.apply(
+                &id,
+                Transition {
+                    status: Some(CallStatus::Canceled),
+                    end_reason: Some("queue_timeout".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    // ---- state changes --------------------------------------------------------------
+
+    /// Applies a transition, publishes it to followers, and frees capacity on terminal states.
+    pub async fn apply(&self, id: &str, t: Transition) -> Option<Call> {
+        let tid = id.to_owned();
+        let result = self
+            .store
+            .run(move |c| calls::transition(c, &tid, &t))
+            .await;
+        match result {
+            Ok(Some(call)) => {
+                let ev = CallEvent::Status {
+                    status: call.status,
+                    end_reason: call.end_reason.clone(),
+                };
+                if call.status.is_terminal() {
+                    tracing::info!(
+                        call_id = %call.id, call_sid = ?call.twilio_call_sid, status = %call.status,
+                        end_reason = ?call.end_reason, duration_seconds = ?call.duration_seconds, "call ended"
+                    );
+                    self.live.finish(id, ev);
+                    self.dial_wake.notify_one();
+                    self.outbox_wake.notify_one();
+                } else {
+                    tracing::info!(call_id = %call.id, call_sid = ?call.twilio_call_sid, status = %call.status, "call status");
+                    self.live.publish(id, ev);
+                }
+                Some(call)
+            }
+            Ok(None) => None,
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => {
+                tracing::error!(call_id = %id, error = %e, "cannot apply call transition");
+                None
+            }
+        }
+    }
+
+    /// Records why a live call is ending, before the provider confirms the end.
+    pub async fn note_end_reason(&self, id: &str, reason: &'static str) {
+        let rid = id.to_owned();
+        if let Err(e) = self
+            .store
+            .run(move |c| calls::set_end_reason(c, &rid, reason))
+            .await
+        {
+            tracing::error!(call_id = %id, error = %e, "cannot record end reason");
+        }
+    }
+
+    /// `POST /calls/{id}/end`: cancel a queued call, or hang up / cancel at Twilio.
+    pub async fn end(
+        &self,
+        scope: Scope,
+        id: &str,
+        reason: &'static str,
+    ) -> Result<Call, CallError> {
+        let gid = id.to_owned();
+        let call = self.store.run(move |c| calls::get(c, scope, &gid)).await?;
+        if call.status.is_terminal() {
+            return Ok(call);
+        }
+        self.note_end_reason(id, reason).await;
+        if call.status == CallStatus::Queued {
+            return Ok(self
+                .apply(
+                    id,
+                    Transition {
+                        status: Some(CallStatus::Canceled),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_or(call));
+        }
+        // Stop our side of the media at once; Twilio's callback confirms the end.
+        if let Some(live) = self.live.get(id) {
+            live.end.cancel();
+        }
+        if let Some(sid) = &call.twilio_call_sid {
+            let answered = call.status == CallStatus::InProgress;
+            match self.twilio.end_call(sid, answered).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() || e.code() == Some(21220) => {
+                    // Already over at Twilio: settle it from what Twilio says now.
+                    self.reconcile(id, sid).await;
+                }
+                Err(e) => {
+                    return Err(CallError::Unavailable(format!(
+                        "Twilio did not end the call: {e}"
+                    )));
+                }
+            }
+        }
+        let gid = id.to_owned();
+        Ok(self
+            .store
+            .run(move |c| calls::get(c, Scope::All, &gid))
+            .await?)
+    }
+
+    /// Asks Twilio for a call's state and applies it (missed callbacks, restarts).
+    pub async fn reconcile(&self, id: &str, sid: &str) {
+        match self.twilio.fetch_call(sid).await {
+            Ok(res) => {
+                if let Some(status) = map_twilio_status(&res.status) {
+                    self.apply(
+                        id,
+                        Transition {
+                            status: Some(status),
+                            duration_seconds: res.duration.and_then(|d| d.parse().ok()),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                }
+            }
+            Err(e) if e.is_not_found() => {
+                self.apply(
+                    id,
+                    Transition {
+                        status: Some(CallStatus::Completed),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(call_id = %id, error = %e, "cannot reconcile call with Twilio")
+            }
+        }
+    }
+
+    // ---- webhooks -------------------------------------------------------------------
+
+    /// A Twilio status callback for our call `id`.
+    pub async fn status_callback(&self, id: &str, params: &[(String, String)]) -> bool {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let Some(status) = get("CallStatus").and_then(map_twilio_status) else {
+            return false;
+        };
+        let t = Transition {
+            status: Some(status),
+            seq: get("SequenceNumber").and_then(|s| s.parse().ok()),
+            duration_seconds: get("CallDuration").and_then(|s| s.parse().ok()),
+            answered_by: get("AnsweredBy").map(str::to_owned),
+            error: get("SipResponseCode")
+                .filter(|_| status == CallStatus::Failed)
+                .map(|c| format!("SIP {c}")),
+            ..Default::default()
+        };
+        self.apply(id, t).await;
+        true
+    }
+
+    pub async fn amd_callback(&self, id: &str, answered_by: &str) {
+        self.apply(
+            id,
+            Transition {
+                answered_by: Some(answered_by.to_owned()),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+
+    /// Twilio asks what to do now that our outbound call `id` was answered.
+    pub async fn answer(&self, id: &str, params: &[(String, String)]) -> String {
+        let gid = id.to_owned();
+        let call = match self
+            .store
+            .run(move |c| calls::get(c, Scope::All, &gid))
+            .await
+        {
+            Ok(c) if !c.status.is_terminal() => c,
+            Ok(_) | Err(StoreError::NotFound(_)) => return twiml::hangup(),
+            Err(e) => {
+                tracing::error!(call_id = %id, error = %e, "answer webhook");
+                return twiml::say_hangup("Sorry, we cannot take this call right now. Goodbye.");
+            }
+        };
+        if params
+            .iter()
+            .any(|(k, v)| k == "CallStatus" && v == "in-progress")
+        {
+            self.apply(
+                id,
+                Transition {
+                    status: Some(CallStatus::InProgress),
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        match self.stream_twiml(call.id.as_str()).await {
+            Ok(xml) => xml,
+            Err(e) => {
+                tracing::error!(call_id = %id, error = %e, "cannot prepare media stream");
+                twiml::say_hangup("Sorry, something went wrong. Goodbye.")
+            }
+        }
+    }
+
+    /// TwiML connecting the call's media stream to us, with a fresh single-use token.
+    async fn stream_twiml(&self, id: &str) -> Result<String, StoreError> {
+        let token = random_token(32);
+        let hash = token_hash(&token);
+        let sid = id.to_owned();
+        self.store
+            .run(move |c| calls::set_stream_token(c, &sid, &hash))
+            .await?;
+        Ok(twiml::connect_stream(
+            &self.config.media_url(),
+            &[("call_id", id), ("token", &token)],
+        ))
+    }
+
+    /// `POST /twilio/voice`: an inbound call to one of our numbers.
+    pub async fn inbound(&self, params: &[(String, String)]) -> String {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let (Some(to), Some(from), Some(sid)) = (get("To"), get("From"), get("CallSid")) else {
+            return twiml::say_hangup("Sorry, this call cannot be connected. Goodbye.");
+        };
+        if self.is_draining() {
+            return twiml::say_hangup(
+                "Sorry, we cannot take calls right now. Please call again later. Goodbye.",
+            );
+        }
+        let config = self.config.clone();
+        let max = config.server.max_concurrent_calls as i64;
+        let (to_c, from_c, sid_c) = (to.clone(), from.clone(), sid.clone());
+        let result = self
+            .store
+            .run(move |c| {
+                if let Some(existing) = calls::id_by_sid(c, &sid_c)? {
+                    // Twilio retried the webhook: same call, new token.
+                    return Ok(Some(Ok(existing)));
+                }
+                let Some(tenant) = tenants::by_number(c, &to_c)? else {
+                    return Ok(None);
+                };
+                let (live, per) = calls::live_counts(c)?;
+                let tenant_live = per.get(&tenant.id).copied().unwrap_or(0);
+                if live >= max
+                    || tenant
+                        .max_concurrent_calls
+                        .is_some_and(|m| tenant_live >= m as i64)
+                {
+                    return Ok(Some(Err(tenant.name)));
+                }
+                let engine = tenant
+                    .engine
+                    .as_deref()
+                    .and_then(EngineKind::parse)
+                    .unwrap_or(config.agent.engine);
+                let call =
+                    calls::create_inbound(c, tenant.id, &to_c, &from_c, engine.as_str(), &sid_c)?;
+                Ok(Some(Ok(call.id.to_string())))
+            })
+            .await;
+        match result {
+            Ok(None) => {
+                tracing::warn!(to = %to, from = %from, call_sid = %sid, "inbound call to an unknown number");
+                twiml::say_hangup("Sorry, this number is not in service. Goodbye.")
+            }
+            Ok(Some(Err(tenant))) => {
+                tracing::warn!(tenant = %tenant, call_sid = %sid, "inbound call over capacity");
+                twiml::say_hangup(
+                    "Sorry, all our lines are busy. Please call again later. Goodbye.",
+                )
+            }
+            Ok(Some(Ok(id))) => {
+                tracing::info!(call_id = %id, call_sid = %sid, from = %from, to = %to, "inbound call");
+                match self.stream_twiml(&id).await {
+                    Ok(xml) => xml,
+                    Err(e) => {
+                        tracing::error!(call_id = %id, error = %e, "cannot prepare media stream");
+                        twiml::say_hangup("Sorry, something went wrong. Goodbye.")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "inbound webhook");
+                twiml::say_hangup("Sorry, something went wrong. Goodbye.")
+            }
+        }
+    }
+
+    // ---- restart --------------------------------------------------------------------
+
+    /// Closes calls that were live when the previous process died, honestly: they end with
+    /// `server_restart` (and are hung up at Twilio if still up there). Queued calls stay
+    /// queued and are dialed by the dialer.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let unfinished = self.store.run(|c| calls::unfinished(c)).await?;
+        let n = unfinished.len();
+        for (id, status, sid) in unfinished {
+            self.note_end_reason(&id, "server_restart").await;
+            if let Some(sid) = &sid
+                && let Err(e) = self
+                    .twilio
+                    .end_call(sid, status == CallStatus::InProgress)
+                    .await
+                && !e.is_not_found()
+            {
+                tracing::warn!(call_id = %id, error = %e, "cannot hang up interrupted call at Twilio");
+            }
+            let final_status = match (status, &sid) {
+                (CallStatus::InProgress, _) => CallStatus::Completed,
+                (_, Some(_)) => CallStatus::Canceled,
+                // Claimed but never confirmed by Twilio: we cannot know it was not dialed,
+                // so it is closed rather than dialed a second time.
+                (_, None) => CallStatus::Failed,
+            };
+            self.apply(
+                &id,
+                Transition {
+                    status: Some(final_status),
+                    end_reason: Some("server_restart".into()),
+                    error: (final_status == CallStatus::Failed)
+                        .then(|| "the server restarted while this call was being placed".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        if n > 0 {
+            tracing::warn!(calls = n, "closed calls interrupted by a restart");
+        }
+        Ok(n)
+    }
+}
+
+/// Twilio's `CallStatus` values (callbacks and resources) in our terms.
+pub fn map_twilio_status(s: &str) -> Option<CallStatus> {
+    Some(match s {
+        "queued" | "initiated" => CallStatus::Initiating,
+        "ringing" => CallStatus::Ringing,
+        "in-progress" | "answered" => CallStatus::InProgress,
+        "completed" => CallStatus::Completed,
+        "busy" => CallStatus::Busy,
+        "no-answer" => CallStatus::NoAnswer,
+        "failed" => CallStatus::Failed,
+        "canceled" => CallStatus::Canceled,
+        _ => return None,
+    })
+}
+
+/// Spaces call creations to at most `per_second`, without bursts.
+struct Pacer {
+    interval: Duration,
+    next: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new(per_second: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn wait(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+        }
+        self.next = self.next.max(now) + self.interval;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twilio_statuses_map() {
+        assert_eq!(
+            map_twilio_status("in-progress"),
+            Some(CallStatus::InProgress)
+        );
+        assert_eq!(map_twilio_status("no-answer"), Some(CallStatus::NoAnswer));
+        assert_eq!(map_twilio_status("bogus"), None);
+    }
+}

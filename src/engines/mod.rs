@@ -1,0 +1,133 @@
+//! Voice engines: what the media bridge drives. An engine takes caller audio and produces
+//! agent audio, transcript lines and turn signals. Engines are an enum, not trait objects:
+//! the bridge polls one inside the call's single task, with no boxing per frame.
+
+pub mod scripted;
+
+use serde::Serialize;
+
+use crate::config::EngineKind;
+use crate::ids::CallId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    Agent,
+    Caller,
+}
+
+impl Speaker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Speaker::Agent => "agent",
+            Speaker::Caller => "caller",
+        }
+    }
+}
+
+/// What an engine needs to know about the call it serves.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub call_id: CallId,
+    pub tenant: String,
+    pub inbound: bool,
+    pub system_prompt: String,
+    pub greeting: String,
+    pub voice: String,
+    /// Lines the scripted engine answers caller turns with, in order.
+    pub script: Vec<String>,
+    pub goodbye: String,
+}
+
+/// One utterance of the agent; barge-in accounting is per item.
+pub type ItemId = String;
+
+#[derive(Debug)]
+pub enum EngineEvent {
+    /// μ-law 8 kHz audio, base64, for the phone, unchanged.
+    AgentAudio {
+        item: ItemId,
+        payload_b64: String,
+    },
+    Transcript {
+        speaker: Speaker,
+        text: String,
+    },
+    CallerSpeechStarted,
+    CallerSpeechStopped,
+    /// The engine is done: end the call once the audio already sent has played.
+    Hangup {
+        reason: &'static str,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine {0} is not available in this version")]
+    Unavailable(EngineKind),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub enum Engine {
+    Scripted(scripted::ScriptedEngine),
+}
+
+impl Engine {
+    pub async fn start(kind: EngineKind, ctx: CallContext) -> Result<Engine, EngineError> {
+        match kind {
+            EngineKind::Scripted => Ok(Engine::Scripted(scripted::ScriptedEngine::new(ctx))),
+            other => Err(EngineError::Unavailable(other)),
+        }
+    }
+
+    /// The phone stream is up: the agent may start talking.
+    pub async fn stream_started(&mut self) -> Result<(), EngineError> {
+        match self {
+            Engine::Scripted(e) => {
+                e.stream_started();
+                Ok(())
+            }
+        }
+    }
+
+    /// One frame of caller audio: μ-law 8 kHz, base64, exactly as Twilio sent it.
+    pub async fn caller_audio(&mut self, payload_b64: &str) -> Result<(), EngineError> {
+        match self {
+            Engine::Scripted(e) => {
+                e.caller_audio(payload_b64);
+                Ok(())
+            }
+        }
+    }
+
+    /// The caller barged in: `item` was cut after `played_ms` of its audio actually played.
+    pub async fn interrupted(&mut self, item: &str, played_ms: u64) -> Result<(), EngineError> {
+        match self {
+            Engine::Scripted(e) => {
+                e.interrupted(item, played_ms);
+                Ok(())
+            }
+        }
+    }
+
+    /// Says `text` now (governors: "are you still there?", goodbyes).
+    pub async fn say(&mut self, text: &str) -> Result<(), EngineError> {
+        match self {
+            Engine::Scripted(e) => {
+                e.say(text);
+                Ok(())
+            }
+        }
+    }
+
+    /// The next thing the engine has for the bridge. Cancel-safe: nothing is lost when the
+    /// future is dropped by a `select!`.
+    pub async fn next_event(&mut self) -> Result<EngineEvent, EngineError> {
+        match self {
+            Engine::Scripted(e) => Ok(e.next_event().await),
+        }
+    }
+
+    pub async fn close(self) {}
+}
