@@ -38,6 +38,14 @@ impl From<CallError> for ApiError {
             CallError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", m)
             }
+            e @ CallError::EngineUnavailable(_) => ApiError {
+                retry_after: Some(crate::engines::breaker::COOL_DOWN.as_secs()),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "engine_unavailable",
+                    e.to_string(),
+                )
+            },
         }
     }
 }

@@ -12,8 +12,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::CallStatus;
+use std::sync::Mutex;
+
+use tokio::task::JoinHandle;
+
 use super::live::{CallEvent, Registry};
 use crate::config::{Config, EngineKind, HumanDuration};
+use crate::engines::breaker::Breakers;
+use crate::engines::{CallContext, Engine, EngineError};
 use crate::ids::random_token;
 use crate::phone::E164;
 use crate::store::calls::{self, Call, OutboundRequest, Scope, Transition};
@@ -53,6 +59,16 @@ pub enum CallError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("engine {0} is failing; new calls are refused until it recovers")]
+    EngineUnavailable(EngineKind),
+}
+
+/// What the call path needs to start an engine for a call.
+pub struct CallSetup {
+    pub ctx: CallContext,
+    pub kind: EngineKind,
+    pub max_duration: Duration,
+    pub inbound: bool,
 }
 
 pub struct CallManager {
@@ -60,6 +76,9 @@ pub struct CallManager {
     config: Arc<Config>,
     twilio: TwilioClient,
     pub live: Registry,
+    pub breakers: Arc<Breakers>,
+    /// Engine sessions opened while the phone rings, claimed by the media stream.
+    prewarmed: Mutex<HashMap<String, JoinHandle<Result<Engine, EngineError>>>>,
     dial_wake: Notify,
     outbox_wake: Notify,
     draining: AtomicBool,
@@ -87,6 +106,8 @@ impl CallManager {
             config,
             twilio,
             live: Registry::default(),
+            breakers: Arc::new(Breakers::default()),
+            prewarmed: Mutex::new(HashMap::new()),
             dial_wake: Notify::new(),
             outbox_wake: Notify::new(),
             draining: AtomicBool::new(false),
@@ -188,8 +209,9 @@ impl CallManager {
             }
         }
         let config = self.config.clone();
+        let breakers = self.breakers.clone();
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
-        let (call, created) = self
+        let outcome = self
             .store
             .run(move |c| {
                 let tenant = match (scope, &req.tenant) {
@@ -225,6 +247,9 @@ impl CallManager {
                     })?,
                     None => config.agent.engine,
                 };
+                if !breakers.admit(engine) {
+                    return Ok(Err(engine));
+                }
                 let max_per_minute = tenant
                     .calls_per_minute
                     .unwrap_or(config.limits.calls_per_minute_per_tenant)
@@ -247,8 +272,10 @@ impl CallManager {
                     },
                     max_per_minute,
                 )
+                .map(Ok)
             })
             .await?;
+        let (call, created) = outcome.map_err(CallError::EngineUnavailable)?;
         if created {
             tracing::info!(call_id = %call.id, tenant = %call.tenant, to = %call.to, "call queued");
             self.dial_wake.notify_one();
@@ -438,6 +465,7 @@ impl CallManager {
                         end_reason = ?call.end_reason, duration_seconds = ?call.duration_seconds, "call ended"
                     );
                     self.live.finish(id, ev);
+                    self.drop_prewarmed(id);
                     self.dial_wake.notify_one();
                     self.outbox_wake.notify_one();
                 } else {
@@ -584,7 +612,7 @@ impl CallManager {
     }
 
     /// Twilio asks what to do now that our outbound call `id` was answered.
-    pub async fn answer(&self, id: &str, params: &[(String, String)]) -> String {
+    pub async fn answer(self: &Arc<Self>, id: &str, params: &[(String, String)]) -> String {
         let gid = id.to_owned();
         let call = match self
             .store
@@ -612,11 +640,130 @@ impl CallManager {
             .await;
         }
         match self.stream_twiml(call.id.as_str()).await {
-            Ok(xml) => xml,
+            Ok(xml) => {
+                self.prewarm(id);
+                xml
+            }
             Err(e) => {
                 tracing::error!(call_id = %id, error = %e, "cannot prepare media stream");
                 twiml::say_hangup("Sorry, something went wrong. Goodbye.")
             }
+        }
+    }
+
+    /// Everything needed to run the engine for call `id`: prompt, greeting and voice from
+    /// the call, then its tenant, then the server defaults.
+    pub async fn call_setup(&self, id: &str) -> Result<CallSetup, StoreError> {
+        let cid = id.to_owned();
+        let (detail, tenant) = self
+            .store
+            .run(move |c| {
+                let d = calls::detail(c, &cid)?;
+                let t = tenants::get_by_id(c, d.tenant_id)?;
+                Ok((d, t))
+            })
+            .await?;
+        let cfg = &self.config;
+        let inbound = detail.call.direction == crate::calls::Direction::Inbound;
+        let ctx = CallContext {
+            call_id: detail.call.id.clone(),
+            tenant: tenant.name.clone(),
+            inbound,
+            system_prompt: detail
+                .system_prompt
+                .or(tenant.system_prompt)
+                .unwrap_or_else(|| cfg.agent.system_prompt.clone()),
+            greeting: if inbound && !cfg.agent.greet_inbound {
+                String::new()
+            } else {
+                detail
+                    .greeting
+                    .or(tenant.greeting)
+                    .unwrap_or_else(|| cfg.agent.greeting.clone())
+            },
+            voice: detail
+                .voice
+                .or(tenant.voice)
+                .unwrap_or_else(|| cfg.agent.voice.clone()),
+            script: cfg.agent.script.clone(),
+            goodbye: cfg.agent.goodbye.clone(),
+        };
+        Ok(CallSetup {
+            ctx,
+            kind: EngineKind::parse(&detail.call.engine).unwrap_or(cfg.agent.engine),
+            max_duration: Duration::from_secs(
+                detail
+                    .max_duration_secs
+                    .map(|s| s as u64)
+                    .unwrap_or(cfg.agent.max_call_duration.as_secs()),
+            ),
+            inbound,
+        })
+    }
+
+    /// Opens the call's engine session now, while the phone rings, so the greeting can
+    /// start the moment the media stream does.
+    fn prewarm(self: &Arc<Self>, id: &str) {
+        let me = self.clone();
+        let cid = id.to_owned();
+        let handle = tokio::spawn(async move {
+            let setup = me
+                .call_setup(&cid)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            let started = std::time::Instant::now();
+            let r = Engine::start(setup.kind, setup.ctx, &me.config).await;
+            tracing::debug!(call_id = %cid, ms = started.elapsed().as_millis() as u64, ok = r.is_ok(), "engine pre-warmed");
+            r
+        });
+        if let Some(old) = self.prewarmed_lock().insert(id.to_owned(), handle) {
+            old.abort();
+        }
+    }
+
+    fn prewarmed_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<Result<Engine, EngineError>>>> {
+        // Map operations only; poison cannot leave it inconsistent.
+        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drop_prewarmed(&self, id: &str) {
+        if let Some(h) = self.prewarmed_lock().remove(id) {
+            // Aborting drops a finished session too, which closes its socket.
+            h.abort();
+        }
+    }
+
+    /// The engine for a starting media stream: the pre-warmed session if there is one,
+    /// else a fresh one. Outcomes feed the engine's circuit breaker.
+    pub async fn take_engine(&self, id: &str, setup: CallSetup) -> Result<Engine, EngineError> {
+        let pre = self.prewarmed_lock().remove(id);
+        let result = match pre {
+            Some(h) => match h.await {
+                Ok(r) => r,
+                Err(_) => Engine::start(setup.kind, setup.ctx, &self.config).await,
+            },
+            None => Engine::start(setup.kind, setup.ctx, &self.config).await,
+        };
+        match &result {
+            Ok(_) => self.breakers.success(setup.kind),
+            Err(e) => {
+                tracing::error!(engine = %setup.kind, error = %e, "engine failed to start");
+                self.breakers.failure(setup.kind);
+            }
+        }
+        result
+    }
+
+    /// Replaces what the caller hears with a short spoken apology and a hang-up (Twilio
+    /// speaks it), so an engine failure is never dead air.
+    pub async fn apologize(&self, sid: &str) {
+        let xml = twiml::say_hangup(
+            "Sorry, we are having technical difficulties. Please call again later. Goodbye.",
+        );
+        if let Err(e) = self.twilio.redirect(sid, &xml).await {
+            tracing::warn!(call_sid = %sid, error = %e, "cannot play the apology");
         }
     }
 
@@ -635,7 +782,7 @@ impl CallManager {
     }
 
     /// `POST /twilio/voice`: an inbound call to one of our numbers.
-    pub async fn inbound(&self, params: &[(String, String)]) -> String {
+    pub async fn inbound(self: &Arc<Self>, params: &[(String, String)]) -> String {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let (Some(to), Some(from), Some(sid)) = (get("To"), get("From"), get("CallSid")) else {
             return twiml::say_hangup("Sorry, this call cannot be connected. Goodbye.");
@@ -691,7 +838,10 @@ impl CallManager {
             Ok(Some(Ok(id))) => {
                 tracing::info!(call_id = %id, call_sid = %sid, from = %from, to = %to, "inbound call");
                 match self.stream_twiml(&id).await {
-                    Ok(xml) => xml,
+                    Ok(xml) => {
+                        self.prewarm(&id);
+                        xml
+                    }
                     Err(e) => {
                         tracing::error!(call_id = %id, error = %e, "cannot prepare media stream");
                         twiml::say_hangup("Sorry, something went wrong. Goodbye.")

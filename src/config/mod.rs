@@ -162,7 +162,7 @@ impl Default for TwilioConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum EngineKind {
     #[serde(rename = "openai-realtime")]
     OpenAiRealtime,
@@ -237,6 +237,10 @@ pub struct OpenAiConfig {
     pub api_key_file: Option<PathBuf>,
     pub realtime_url: String,
     pub model: String,
+    /// Speak the older beta protocol (`OpenAI-Beta: realtime=v1`, `g711_ulaw`, beta event names).
+    pub beta_protocol: bool,
+    /// Input transcription model for caller lines ("" turns caller transcripts off).
+    pub transcription_model: String,
 }
 
 impl Default for OpenAiConfig {
@@ -246,6 +250,8 @@ impl Default for OpenAiConfig {
             api_key_file: None,
             realtime_url: "wss://api.openai.com/v1/realtime".into(),
             model: "gpt-realtime".into(),
+            beta_protocol: false,
+            transcription_model: "whisper-1".into(),
         }
     }
 }

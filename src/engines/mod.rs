@@ -2,11 +2,13 @@
 //! agent audio, transcript lines and turn signals. Engines are an enum, not trait objects:
 //! the bridge polls one inside the call's single task, with no boxing per frame.
 
+pub mod breaker;
+pub mod openai;
 pub mod scripted;
 
 use serde::Serialize;
 
-use crate::config::EngineKind;
+use crate::config::{Config, EngineKind};
 use crate::ids::CallId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,13 +72,26 @@ pub enum EngineError {
 }
 
 pub enum Engine {
-    Scripted(scripted::ScriptedEngine),
+    Scripted(Box<scripted::ScriptedEngine>),
+    OpenAi(Box<openai::RealtimeEngine>),
 }
 
 impl Engine {
-    pub async fn start(kind: EngineKind, ctx: CallContext) -> Result<Engine, EngineError> {
+    /// Starts an engine session for a call whose audio passes through the bridge. For
+    /// OpenAI this connects and configures the session (done while the phone rings).
+    pub async fn start(
+        kind: EngineKind,
+        ctx: CallContext,
+        cfg: &Config,
+    ) -> Result<Engine, EngineError> {
         match kind {
-            EngineKind::Scripted => Ok(Engine::Scripted(scripted::ScriptedEngine::new(ctx))),
+            EngineKind::Scripted => Ok(Engine::Scripted(Box::new(scripted::ScriptedEngine::new(
+                ctx,
+            )))),
+            EngineKind::OpenAiRealtime => Ok(Engine::OpenAi(Box::new(
+                openai::RealtimeEngine::connect(&cfg.openai, &ctx).await?,
+            ))),
+            // Ultravox's Twilio medium connects Twilio straight to Ultravox: no bridge.
             other => Err(EngineError::Unavailable(other)),
         }
     }
@@ -88,6 +103,7 @@ impl Engine {
                 e.stream_started();
                 Ok(())
             }
+            Engine::OpenAi(e) => e.stream_started().await,
         }
     }
 
@@ -98,6 +114,7 @@ impl Engine {
                 e.caller_audio(payload_b64);
                 Ok(())
             }
+            Engine::OpenAi(e) => e.caller_audio(payload_b64).await,
         }
     }
 
@@ -108,6 +125,7 @@ impl Engine {
                 e.interrupted(item, played_ms);
                 Ok(())
             }
+            Engine::OpenAi(e) => e.interrupted(item, played_ms).await,
         }
     }
 
@@ -118,6 +136,7 @@ impl Engine {
                 e.say(text);
                 Ok(())
             }
+            Engine::OpenAi(e) => e.say(text).await,
         }
     }
 
@@ -126,8 +145,14 @@ impl Engine {
     pub async fn next_event(&mut self) -> Result<EngineEvent, EngineError> {
         match self {
             Engine::Scripted(e) => Ok(e.next_event().await),
+            Engine::OpenAi(e) => e.next_event().await,
         }
     }
 
-    pub async fn close(self) {}
+    pub async fn close(self) {
+        match self {
+            Engine::Scripted(_) => {}
+            Engine::OpenAi(e) => e.close().await,
+        }
+    }
 }

@@ -17,11 +17,9 @@ use tokio::time::Instant;
 use crate::calls::CallStatus;
 use crate::calls::live::CallEvent;
 use crate::calls::manager::{CallManager, token_hash};
-use crate::config::EngineKind;
-use crate::engines::{CallContext, Engine, EngineEvent, ItemId, Speaker};
+use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ids::CallId;
 use crate::store::calls::{self, Scope, TranscriptEntry, Transition};
-use crate::store::tenants;
 use crate::telephony::twilio::media::{self, Event};
 
 /// Twilio must send `start` this soon after connecting.
@@ -231,6 +229,32 @@ struct Bridge {
     quiet_since: Instant,
     caller_speaking: bool,
     silence: Silence,
+    call_sid: String,
+    latency: Latency,
+}
+
+/// Latencies as the caller experiences them, measured at our edge.
+#[derive(Default)]
+struct Latency {
+    greeting_ms: Option<f64>,
+    /// When the caller stopped speaking, until the agent's first audio after it.
+    turn_from: Option<Instant>,
+    turn_ms: Vec<f64>,
+    barge_in_ms: Vec<f64>,
+}
+
+impl Latency {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "greeting_ms": self.greeting_ms,
+            "turn_ms": self.turn_ms,
+            "barge_in_ms": self.barge_in_ms,
+        })
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0
 }
 
 impl Bridge {
@@ -242,17 +266,8 @@ impl Bridge {
         mut stream: futures_util::stream::SplitStream<WebSocket>,
     ) {
         let now = Instant::now();
-        let cid = call_id.to_string();
-        let loaded = m
-            .store()
-            .run(move |c| {
-                let d = calls::detail(c, &cid)?;
-                let t = tenants::get_by_id(c, d.tenant_id)?;
-                Ok((d, t))
-            })
-            .await;
-        let (detail, tenant) = match loaded {
-            Ok(x) => x,
+        let setup = match m.call_setup(call_id.as_str()).await {
+            Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot load call for its media stream");
                 let mut sink = sink;
@@ -261,40 +276,9 @@ impl Bridge {
             }
         };
         let cfg = m.config().clone();
-        let inbound = detail.call.direction == crate::calls::Direction::Inbound;
-        let ctx = CallContext {
-            call_id: call_id.clone(),
-            tenant: tenant.name.clone(),
-            inbound,
-            system_prompt: detail
-                .system_prompt
-                .clone()
-                .or(tenant.system_prompt.clone())
-                .unwrap_or(cfg.agent.system_prompt.clone()),
-            greeting: if inbound && !cfg.agent.greet_inbound {
-                String::new()
-            } else {
-                detail
-                    .greeting
-                    .clone()
-                    .or(tenant.greeting.clone())
-                    .unwrap_or(cfg.agent.greeting.clone())
-            },
-            voice: detail
-                .voice
-                .clone()
-                .or(tenant.voice.clone())
-                .unwrap_or(cfg.agent.voice.clone()),
-            script: cfg.agent.script.clone(),
-            goodbye: cfg.agent.goodbye.clone(),
-        };
-        let kind = EngineKind::parse(&detail.call.engine).unwrap_or(cfg.agent.engine);
-        let max_duration = Duration::from_secs(
-            detail
-                .max_duration_secs
-                .map(|s| s as u64)
-                .unwrap_or(cfg.agent.max_call_duration.as_secs()),
-        );
+        let inbound = setup.inbound;
+        let kind = setup.kind;
+        let max_duration = setup.max_duration;
         let silence_timeout = cfg.agent.silence_timeout.0;
         let live = m.live.get_or_create(call_id.as_str());
         m.apply(
@@ -324,18 +308,20 @@ impl Bridge {
             quiet_since: now,
             caller_speaking: false,
             silence: Silence::Listening,
+            call_sid: start.call_sid.clone(),
+            latency: Latency::default(),
         };
 
-        let mut engine = match Engine::start(kind, ctx).await {
+        let mut engine = match m.take_engine(call_id.as_str(), setup).await {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(error = %e, "engine failed to start");
                 b.finish("engine_error", Some(e.to_string())).await;
                 return;
             }
         };
         if let Err(e) = engine.stream_started().await {
             tracing::error!(error = %e, "engine failed");
+            m.breakers.failure(kind);
             b.finish("engine_error", Some(e.to_string())).await;
             return;
         }
@@ -430,6 +416,10 @@ impl Bridge {
             }
         };
         engine.close().await;
+        if reason == "engine_error" {
+            tracing::error!(error = ?error, "engine failed mid-call");
+            m.breakers.failure(kind);
+        }
         b.finish(reason, error).await;
     }
 
@@ -453,6 +443,12 @@ impl Bridge {
                 // base64 length → bytes without decoding.
                 let bytes = (payload_b64.len() / 4 * 3) as u64
                     - payload_b64.bytes().rev().take_while(|&b| b == b'=').count() as u64;
+                if self.latency.greeting_ms.is_none() {
+                    self.latency.greeting_ms = Some(ms_since(self.started));
+                }
+                if let Some(t) = self.latency.turn_from.take() {
+                    self.latency.turn_ms.push(ms_since(t));
+                }
                 let seq = self.playback.sent(&item, bytes, Instant::now());
                 self.out.clear();
                 media::write_media(&mut self.out, &self.stream_sid, &payload_b64);
@@ -487,13 +483,16 @@ impl Bridge {
                 }
             }
             EngineEvent::CallerSpeechStarted => {
+                let heard = Instant::now();
                 self.caller_speaking = true;
+                self.latency.turn_from = None;
                 self.silence = Silence::Listening;
                 if self.playback.pending() && self.hangup.is_none() {
                     self.out.clear();
                     media::write_clear(&mut self.out, &self.stream_sid);
                     let clear = Message::Text(Utf8Bytes::from(std::mem::take(&mut self.out)));
                     self.sink.send(clear).await.map_err(|e| e.to_string())?;
+                    self.latency.barge_in_ms.push(ms_since(heard));
                     self.out = String::with_capacity(1024);
                     if let Some((item, played)) = self.playback.cleared(Instant::now()) {
                         tracing::info!(item = %item, played_ms = played / 8, "barge-in");
@@ -508,6 +507,7 @@ impl Bridge {
             EngineEvent::CallerSpeechStopped => {
                 self.caller_speaking = false;
                 self.quiet_since = Instant::now();
+                self.latency.turn_from = Some(self.quiet_since);
             }
             EngineEvent::Hangup { reason } => {
                 self.m.note_end_reason(self.call_id.as_str(), reason).await;
@@ -540,6 +540,20 @@ impl Bridge {
         self.flush_transcript().await;
         let id = self.call_id.to_string();
         self.m.note_end_reason(&id, reason).await;
+        let latency = self.latency.to_json();
+        let lid = id.clone();
+        if let Err(e) = self
+            .m
+            .store()
+            .run(move |c| calls::set_latency(c, &lid, &latency))
+            .await
+        {
+            tracing::error!(error = %e, "cannot store call latency");
+        }
+        if reason == "engine_error" && !self.call_sid.is_empty() {
+            // Before closing: once the socket closes, Twilio would hang up without a word.
+            self.m.apologize(&self.call_sid).await;
+        }
         close(&mut self.sink, 1000, "call ended").await;
         tracing::info!(reason, "media stream ended");
         if self.inbound {

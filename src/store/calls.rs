@@ -29,6 +29,9 @@ pub struct Call {
     pub metadata: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Greeting, turn and barge-in latencies measured by the bridge (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency: Option<serde_json::Value>,
     #[serde(skip)]
     pub created_ms: i64,
 }
@@ -62,7 +65,7 @@ pub struct NewCall {
 
 const COLUMNS: &str = "c.id, t.name, c.direction, c.to_number, c.from_number, c.status, c.engine, \
      c.twilio_call_sid, c.answered_by, c.created_at, c.started_at, c.ended_at, \
-     c.duration_seconds, c.end_reason, c.metadata, c.error \
+     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency \
      FROM calls c JOIN tenants t ON t.id = c.tenant_id";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
@@ -95,6 +98,9 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
         end_reason: r.get(13)?,
         metadata: serde_json::from_str(&metadata).unwrap_or(serde_json::Value::Null),
         error: r.get(15)?,
+        latency: r
+            .get::<_, Option<String>>(16)?
+            .and_then(|l| serde_json::from_str(&l).ok()),
         created_ms,
     })
 }
@@ -834,6 +840,38 @@ pub struct Analytics {
     pub by_status: serde_json::Map<String, serde_json::Value>,
     pub success_rate: Option<f64>,
     pub average_duration_seconds: Option<f64>,
+    pub greeting_latency_ms: Percentiles,
+    pub turn_latency_ms: Percentiles,
+    pub barge_in_latency_ms: Percentiles,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+impl Percentiles {
+    pub fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| (!v.is_empty()).then(|| v[((v.len() as f64 - 1.0) * q).round() as usize]);
+        Percentiles {
+            count: v.len(),
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+        }
+    }
+}
+
+pub fn set_latency(conn: &Connection, id: &str, latency: &serde_json::Value) -> Result<()> {
+    conn.execute(
+        "UPDATE calls SET latency = ?1 WHERE id = ?2",
+        params![latency.to_string(), id],
+    )?;
+    Ok(())
 }
 
 pub fn analytics(conn: &Connection, scope: Scope, since_ms: Option<i64>) -> Result<Analytics> {
@@ -864,7 +902,35 @@ pub fn analytics(conn: &Connection, scope: Scope, since_ms: Option<i64>) -> Resu
         }
         by_status.insert(status, n.into());
     }
+    let mut lat = conn.prepare_cached(
+        "SELECT latency FROM calls WHERE latency IS NOT NULL \
+         AND (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR created_at >= ?2)",
+    )?;
+    let (mut greet, mut turn, mut barge) = (Vec::new(), Vec::new(), Vec::new());
+    for row in lat.query_map(params![scope.tenant_id(), since_ms], |r| {
+        r.get::<_, String>(0)
+    })? {
+        let v: serde_json::Value = serde_json::from_str(&row?).unwrap_or_default();
+        greet.extend(v["greeting_ms"].as_f64());
+        turn.extend(
+            v["turn_ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_f64()),
+        );
+        barge.extend(
+            v["barge_in_ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_f64()),
+        );
+    }
     Ok(Analytics {
+        greeting_latency_ms: Percentiles::of(greet),
+        turn_latency_ms: Percentiles::of(turn),
+        barge_in_latency_ms: Percentiles::of(barge),
         since: since_ms.map(rfc3339),
         total,
         by_status,

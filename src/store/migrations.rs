@@ -120,6 +120,11 @@ CREATE TABLE jobs (
 ) STRICT;
 CREATE INDEX jobs_due ON jobs(run_at) WHERE state IN ('pending', 'running');
 "#,
+    // 2: per-call latency figures (JSON) and the engine's own id for the call (Ultravox).
+    r#"
+ALTER TABLE calls ADD COLUMN latency TEXT;
+ALTER TABLE calls ADD COLUMN engine_call_id TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

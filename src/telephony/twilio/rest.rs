@@ -146,6 +146,18 @@ impl TwilioClient {
         .await
     }
 
+    /// Replaces a live call's instructions with `twiml` (e.g. a spoken apology and hang-up).
+    pub async fn redirect(&self, sid: &str, twiml: &str) -> Result<CallResource, TwilioError> {
+        let url = format!("{}/{sid}.json", self.calls_url());
+        self.send(
+            reqwest::Method::POST,
+            &url,
+            Some(&[("Twiml", twiml.to_owned())]),
+            true,
+        )
+        .await
+    }
+
     pub async fn fetch_call(&self, sid: &str) -> Result<CallResource, TwilioError> {
         let url = format!("{}/{sid}.json", self.calls_url());
         self.send(reqwest::Method::GET, &url, None, true).await

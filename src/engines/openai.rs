@@ -1,0 +1,345 @@
+//! OpenAI Realtime over WebSocket (PROTOCOLS §5), GA protocol by default, beta on request.
+//!
+//! Both sides speak μ-law 8 kHz (`audio/pcmu` / `g711_ulaw`), so caller frames are forwarded
+//! as the base64 Twilio sent and agent deltas go back to Twilio as OpenAI sent them: no
+//! decoding, no transcoding. The session is opened and configured before the phone stream
+//! starts (pre-warm) so the greeting can begin the moment it does.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{CallContext, EngineError, EngineEvent, Speaker};
+use crate::config::OpenAiConfig;
+use crate::telephony::twilio::media::is_base64;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Connecting and configuring the session must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct RealtimeEngine {
+    tx: SplitSink<Ws, Message>,
+    rx: SplitStream<Ws>,
+    beta: bool,
+    greeting: String,
+    pending: VecDeque<EngineEvent>,
+    buf: String,
+}
+
+/// Only the fields we act on; everything else in an event is ignored.
+#[derive(Deserialize)]
+struct ServerEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    delta: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    item_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    transcript: Option<String>,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+fn failed(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Failed(e.to_string())
+}
+
+impl RealtimeEngine {
+    /// Opens and configures a session for `ctx`; returns once the server confirmed the
+    /// configuration (`session.updated`).
+    pub async fn connect(cfg: &OpenAiConfig, ctx: &CallContext) -> Result<Self, EngineError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(cfg, ctx))
+            .await
+            .map_err(|_| EngineError::Failed("OpenAI Realtime did not answer within 10 s".into()))?
+    }
+
+    async fn connect_inner(cfg: &OpenAiConfig, ctx: &CallContext) -> Result<Self, EngineError> {
+        let sep = if cfg.realtime_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!("{}{sep}model={}", cfg.realtime_url, cfg.model);
+        let mut req = url.as_str().into_client_request().map_err(failed)?;
+        let auth =
+            HeaderValue::from_str(&format!("Bearer {}", cfg.api_key.expose())).map_err(|_| {
+                EngineError::Failed("openai.api_key contains invalid characters".into())
+            })?;
+        req.headers_mut().insert("authorization", auth);
+        if cfg.beta_protocol {
+            req.headers_mut()
+                .insert("openai-beta", HeaderValue::from_static("realtime=v1"));
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(r) => EngineError::Failed(format!(
+                    "OpenAI Realtime refused the connection (HTTP {}{})",
+                    r.status().as_u16(),
+                    if r.status() == 401 {
+                        ": check openai.api_key"
+                    } else {
+                        ""
+                    }
+                )),
+                e => EngineError::Failed(format!("cannot connect to OpenAI Realtime: {e}")),
+            })?;
+        let (tx, rx) = ws.split();
+        let mut engine = RealtimeEngine {
+            tx,
+            rx,
+            beta: cfg.beta_protocol,
+            greeting: ctx.greeting.clone(),
+            pending: VecDeque::new(),
+            buf: String::with_capacity(2048),
+        };
+        let transcription = (!cfg.transcription_model.is_empty())
+            .then(|| json!({"model": cfg.transcription_model}));
+        let session = if cfg.beta_protocol {
+            json!({
+                "turn_detection": {"type": "server_vad"},
+                "input_audio_format": "g711_ulaw",
+                "output_audio_format": "g711_ulaw",
+                "voice": ctx.voice,
+                "instructions": ctx.system_prompt,
+                "modalities": ["text", "audio"],
+                "input_audio_transcription": transcription,
+            })
+        } else {
+            json!({
+                "type": "realtime",
+                "model": cfg.model,
+                "output_modalities": ["audio"],
+                "instructions": ctx.system_prompt,
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcmu"},
+                        "turn_detection": {"type": "server_vad", "interrupt_response": true, "create_response": true},
+                        "transcription": transcription,
+                    },
+                    "output": {"format": {"type": "audio/pcmu"}, "voice": ctx.voice},
+                },
+            })
+        };
+        engine
+            .send_json(&json!({"type": "session.update", "session": session}))
+            .await?;
+        // Wait for the configuration to take effect; anything else before it is an error.
+        loop {
+            let Some(msg) = engine.rx.next().await else {
+                return Err(EngineError::Failed(
+                    "OpenAI Realtime closed the session while configuring".into(),
+                ));
+            };
+            let text = match msg.map_err(failed)? {
+                Message::Text(t) => t,
+                Message::Close(f) => {
+                    return Err(EngineError::Failed(format!(
+                        "OpenAI Realtime closed the session: {}",
+                        f.map(|f| f.reason.to_string()).unwrap_or_default()
+                    )));
+                }
+                _ => continue,
+            };
+            let ev: ServerEvent<'_> = serde_json::from_str(&text).map_err(|_| {
+                EngineError::Failed("OpenAI Realtime sent something that is not JSON".into())
+            })?;
+            match &*ev.kind {
+                "session.updated" => return Ok(engine),
+                "error" => return Err(engine_error(ev.error)),
+                _ => {}
+            }
+        }
+    }
+
+    async fn send_json(&mut self, v: &serde_json::Value) -> Result<(), EngineError> {
+        self.tx
+            .send(Message::Text(Utf8Bytes::from(v.to_string())))
+            .await
+            .map_err(|e| EngineError::Failed(format!("OpenAI Realtime connection lost: {e}")))
+    }
+
+    /// The phone is connected: greet now, if this call greets first.
+    pub async fn stream_started(&mut self) -> Result<(), EngineError> {
+        let greeting = std::mem::take(&mut self.greeting);
+        if !greeting.is_empty() {
+            self.say(&greeting).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn say(&mut self, text: &str) -> Result<(), EngineError> {
+        let instructions = format!("Say exactly this, then stop: \"{text}\"");
+        self.send_json(
+            &json!({"type": "response.create", "response": {"instructions": instructions}}),
+        )
+        .await
+    }
+
+    /// Forwards a caller frame as received.
+    pub async fn caller_audio(&mut self, payload_b64: &str) -> Result<(), EngineError> {
+        if !is_base64(payload_b64) {
+            return Ok(());
+        }
+        self.buf.clear();
+        self.buf
+            .push_str(r#"{"type":"input_audio_buffer.append","audio":""#);
+        self.buf.push_str(payload_b64);
+        self.buf.push_str(r#""}"#);
+        let msg = Message::Text(Utf8Bytes::from(std::mem::replace(
+            &mut self.buf,
+            String::with_capacity(2048),
+        )));
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|e| EngineError::Failed(format!("OpenAI Realtime connection lost: {e}")))
+    }
+
+    /// Tells the model how much of `item` the caller heard, so its memory of the conversation
+    /// matches what was said. With server VAD's `interrupt_response` the server has already
+    /// cancelled the response itself.
+    pub async fn interrupted(&mut self, item: &str, played_ms: u64) -> Result<(), EngineError> {
+        self.send_json(&json!({
+            "type": "conversation.item.truncate",
+            "item_id": item,
+            "content_index": 0,
+            "audio_end_ms": played_ms,
+        }))
+        .await
+    }
+
+    pub async fn next_event(&mut self) -> Result<EngineEvent, EngineError> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(e);
+            }
+            let msg = match self.rx.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    return Err(EngineError::Failed(format!(
+                        "OpenAI Realtime connection lost: {e}"
+                    )));
+                }
+                None => {
+                    return Err(EngineError::Failed(
+                        "OpenAI Realtime closed the session".into(),
+                    ));
+                }
+            };
+            let text = match msg {
+                Message::Text(t) => t,
+                Message::Close(f) => {
+                    return Err(EngineError::Failed(format!(
+                        "OpenAI Realtime closed the session{}",
+                        f.map(|f| format!(": {} {}", u16::from(f.code), f.reason))
+                            .unwrap_or_default()
+                    )));
+                }
+                _ => continue,
+            };
+            let ev: ServerEvent<'_> = serde_json::from_str(&text).map_err(|_| {
+                EngineError::Failed("OpenAI Realtime sent something that is not JSON".into())
+            })?;
+            let (audio_delta, transcript_done) = if self.beta {
+                ("response.audio.delta", "response.audio_transcript.done")
+            } else {
+                (
+                    "response.output_audio.delta",
+                    "response.output_audio_transcript.done",
+                )
+            };
+            match &*ev.kind {
+                k if k == audio_delta => {
+                    if let (Some(delta), Some(item)) = (ev.delta, ev.item_id) {
+                        return Ok(EngineEvent::AgentAudio {
+                            item: item.into_owned(),
+                            payload_b64: delta.into_owned(),
+                        });
+                    }
+                }
+                k if k == transcript_done => {
+                    if let Some(t) = ev.transcript.filter(|t| !t.is_empty()) {
+                        return Ok(EngineEvent::Transcript {
+                            speaker: Speaker::Agent,
+                            text: t,
+                        });
+                    }
+                }
+                "conversation.item.input_audio_transcription.completed" => {
+                    if let Some(t) = ev
+                        .transcript
+                        .map(|t| t.trim().to_owned())
+                        .filter(|t| !t.is_empty())
+                    {
+                        return Ok(EngineEvent::Transcript {
+                            speaker: Speaker::Caller,
+                            text: t,
+                        });
+                    }
+                }
+                "input_audio_buffer.speech_started" => return Ok(EngineEvent::CallerSpeechStarted),
+                "input_audio_buffer.speech_stopped" => return Ok(EngineEvent::CallerSpeechStopped),
+                "error" => {
+                    let e = ev.error;
+                    // Errors about one of our own requests (a truncate that raced the end of
+                    // playback, a cancel with nothing to cancel) leave the session usable.
+                    let recoverable = e.as_ref().is_some_and(|b| {
+                        b.kind.as_deref() == Some("invalid_request_error")
+                            && b.code.as_deref() != Some("session_expired")
+                    });
+                    if recoverable {
+                        tracing::warn!(
+                            code = ?e.as_ref().and_then(|b| b.code.clone()),
+                            message = ?e.as_ref().and_then(|b| b.message.clone()),
+                            "OpenAI Realtime rejected a request"
+                        );
+                        continue;
+                    }
+                    return Err(engine_error(e));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.tx.send(Message::Close(None)).await;
+        let _ = self.tx.close().await;
+    }
+}
+
+fn engine_error(e: Option<ErrorBody>) -> EngineError {
+    let e = e.unwrap_or(ErrorBody {
+        kind: None,
+        code: None,
+        message: None,
+    });
+    EngineError::Failed(format!(
+        "OpenAI Realtime error {}: {}",
+        e.code.or(e.kind).unwrap_or_else(|| "unknown".into()),
+        e.message.unwrap_or_default()
+    ))
+}
