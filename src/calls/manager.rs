@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use super::live::{CallEvent, Registry};
 use crate::config::{Config, EngineKind, HumanDuration};
 use crate::engines::breaker::Breakers;
+use crate::engines::ultravox::UltravoxClient;
 use crate::engines::{CallContext, Engine, EngineError};
 use crate::ids::random_token;
 use crate::phone::E164;
@@ -75,6 +76,7 @@ pub struct CallManager {
     store: Store,
     config: Arc<Config>,
     twilio: TwilioClient,
+    ultravox: UltravoxClient,
     pub live: Registry,
     pub breakers: Arc<Breakers>,
     /// Engine sessions opened while the phone rings, claimed by the media stream.
@@ -101,10 +103,12 @@ impl CallManager {
             &config.twilio.account_sid,
             config.twilio.auth_token.clone(),
         )?;
+        let ultravox = UltravoxClient::new(&config.ultravox)?;
         Ok(Arc::new(Self {
             store,
             config,
             twilio,
+            ultravox,
             live: Registry::default(),
             breakers: Arc::new(Breakers::default()),
             prewarmed: Mutex::new(HashMap::new()),
@@ -127,6 +131,10 @@ impl CallManager {
         &self.twilio
     }
 
+    pub fn ultravox(&self) -> &UltravoxClient {
+        &self.ultravox
+    }
+
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
     }
@@ -145,7 +153,7 @@ impl CallManager {
         let me = self.clone();
         tokio::spawn(async move { me.dialer().await });
         let me = self.clone();
-        tokio::spawn(async move { super::outbox::run(me).await });
+        tokio::spawn(async move { super::jobs::run(me).await });
     }
 
     pub(crate) fn outbox_wake(&self) -> &Notify {
@@ -651,6 +659,61 @@ impl CallManager {
         }
     }
 
+    /// Ultravox's Twilio medium: create the Ultravox call and connect Twilio's stream
+    /// straight to its `joinUrl`. On failure the caller hears an apology, not dead air.
+    async fn ultravox_twiml(&self, id: &str) -> String {
+        let setup = match self.call_setup(id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(call_id = %id, error = %e, "cannot load call");
+                return twiml::say_hangup("Sorry, something went wrong. Goodbye.");
+            }
+        };
+        let voice = (setup.ctx.voice != self.config.agent.voice)
+            .then_some(setup.ctx.voice.as_str())
+            .or(Some(self.config.ultravox.voice.as_str()));
+        let req = crate::engines::ultravox::NewCall {
+            system_prompt: &setup.ctx.system_prompt,
+            voice,
+            greeting: Some(setup.ctx.greeting.as_str()).filter(|g| !g.is_empty()),
+            max_duration: setup.max_duration,
+            call_id: id,
+            tenant: &setup.ctx.tenant,
+        };
+        match self.ultravox.create_call(&req).await {
+            Ok(created) => {
+                self.breakers.success(EngineKind::Ultravox);
+                let (cid, ucid) = (id.to_owned(), created.call_id.clone());
+                if let Err(e) = self
+                    .store
+                    .run(move |c| calls::set_engine_call_id(c, &cid, &ucid))
+                    .await
+                {
+                    tracing::error!(call_id = %id, error = %e, "cannot store the Ultravox call id");
+                }
+                tracing::info!(call_id = %id, ultravox_call = %created.call_id, "connecting the call to Ultravox");
+                twiml::connect_stream(&created.join_url, &[])
+            }
+            Err(e) => {
+                tracing::error!(call_id = %id, error = %e, "Ultravox did not create the call");
+                self.breakers.failure(EngineKind::Ultravox);
+                self.apply(
+                    id,
+                    Transition {
+                        status: Some(CallStatus::Failed),
+                        end_reason: Some("engine_error".into()),
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                )
+                .await;
+                twiml::say_hangup(
+                    "Sorry, we are having technical difficulties. Please call again later. Goodbye.",
+                )
+            }
+        }
+    }
+
     /// Everything needed to run the engine for call `id`: prompt, greeting and voice from
     /// the call, then its tenant, then the server defaults.
     pub async fn call_setup(&self, id: &str) -> Result<CallSetup, StoreError> {
@@ -837,6 +900,40 @@ impl CallManager {
             }
             Ok(Some(Ok(id))) => {
                 tracing::info!(call_id = %id, call_sid = %sid, from = %from, to = %to, "inbound call");
+                // Inbound calls get no status callbacks unless the operator set one up, so
+                // the call is also settled by asking Twilio while it lasts.
+                let rid = id.clone();
+                let at = crate::timefmt::now_ms() + super::jobs::RECONCILE_EVERY_MS;
+                if let Err(e) = self
+                    .store
+                    .run(move |c| schedule_reconcile(c, &rid, at))
+                    .await
+                {
+                    tracing::error!(call_id = %id, error = %e, "cannot schedule reconciliation");
+                }
+                let gid = id.clone();
+                let engine = self
+                    .store
+                    .run(move |c| calls::get(c, Scope::All, &gid))
+                    .await
+                    .map(|c| c.engine);
+                if matches!(engine.as_deref(), Ok("ultravox")) {
+                    if !self.breakers.admit(EngineKind::Ultravox) {
+                        self.apply(
+                            &id,
+                            Transition {
+                                status: Some(CallStatus::Failed),
+                                end_reason: Some("engine_unavailable".into()),
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                        return twiml::say_hangup(
+                            "Sorry, we are having technical difficulties. Please call again later. Goodbye.",
+                        );
+                    }
+                    return self.ultravox_twiml(&id).await;
+                }
                 match self.stream_twiml(&id).await {
                     Ok(xml) => {
                         self.prewarm(&id);
@@ -898,6 +995,18 @@ impl CallManager {
         }
         Ok(n)
     }
+}
+
+/// Queues a check with Twilio at `at` for call `id` (once per call).
+pub fn schedule_reconcile(c: &rusqlite::Connection, id: &str, at: i64) -> Result<(), StoreError> {
+    crate::store::jobs::enqueue(
+        c,
+        "reconcile",
+        Some(id),
+        None,
+        &format!("reconcile:{id}"),
+        at,
+    )
 }
 
 /// Twilio's `CallStatus` values (callbacks and resources) in our terms.

@@ -262,6 +262,11 @@ pub struct UltravoxConfig {
     pub api_key: Secret,
     pub api_key_file: Option<PathBuf>,
     pub api_base_url: String,
+    /// Ultravox model; "" uses Ultravox's default.
+    pub model: String,
+    /// Ultravox voice (its own names, e.g. "Mark"); "" uses Ultravox's default. A tenant's
+    /// or call's `voice` overrides it.
+    pub voice: String,
 }
 
 impl Default for UltravoxConfig {
@@ -270,6 +275,8 @@ impl Default for UltravoxConfig {
             api_key: Secret::default(),
             api_key_file: None,
             api_base_url: "https://api.ultravox.ai".into(),
+            model: String::new(),
+            voice: String::new(),
         }
     }
 }

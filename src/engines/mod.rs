@@ -5,6 +5,7 @@
 pub mod breaker;
 pub mod openai;
 pub mod scripted;
+pub mod ultravox;
 
 use serde::Serialize;
 

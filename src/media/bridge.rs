@@ -19,7 +19,7 @@ use crate::calls::live::CallEvent;
 use crate::calls::manager::{CallManager, token_hash};
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ids::CallId;
-use crate::store::calls::{self, Scope, TranscriptEntry, Transition};
+use crate::store::calls::{self, TranscriptEntry, Transition};
 use crate::telephony::twilio::media::{self, Event};
 
 /// Twilio must send `start` this soon after connecting.
@@ -589,24 +589,17 @@ impl Bridge {
                     .await;
             }
             // Twilio's `completed` callback normally closes the record; if it never comes
-            // (lost, or the call lingers), ask Twilio after a while.
-            let m = self.m.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => {}
-                    _ = m.shutdown_token().cancelled() => return,
-                }
-                let gid = id.clone();
-                if let Ok(call) = m
-                    .store()
-                    .run(move |c| calls::get(c, Scope::All, &gid))
-                    .await
-                    && !call.status.is_terminal()
-                    && let Some(sid) = call.twilio_call_sid
-                {
-                    m.reconcile(&id, &sid).await;
-                }
-            });
+            // (lost, or the call lingers), Twilio is asked shortly.
+            let at = crate::timefmt::now_ms() + 15_000;
+            let rid = id.clone();
+            let _ = self
+                .m
+                .store()
+                .run(move |c| {
+                    c.execute("UPDATE jobs SET run_at = MIN(run_at, ?1) WHERE dedupe_key = ?2 AND state = 'pending'", rusqlite::params![at, format!("reconcile:{rid}")])?;
+                    crate::calls::manager::schedule_reconcile(c, &rid, at)
+                })
+                .await;
         }
     }
 }

@@ -601,7 +601,7 @@ pub fn transition(conn: &mut Connection, id: &str, t: &Transition) -> Result<Opt
                  end_reason = COALESCE(end_reason, ?3), error = COALESCE(?4, error) WHERE id = ?5",
                 params![now, duration, reason, t.error, id],
             )?;
-            enqueue_webhook(&tx, id, tenant_id)?;
+            enqueue_after_end(&tx, id, tenant_id)?;
         }
         let reason: Option<String> =
             tx.query_row("SELECT end_reason FROM calls WHERE id = ?1", [id], |r| {
@@ -643,21 +643,60 @@ fn default_end_reason(s: CallStatus) -> &'static str {
     }
 }
 
-fn enqueue_webhook(conn: &Connection, call_id: &str, tenant_id: i64) -> Result<()> {
+/// What happens after a call ends: Ultravox calls first fetch their transcript (which then
+/// queues the webhook); others queue the tenant webhook directly.
+fn enqueue_after_end(conn: &Connection, call_id: &str, tenant_id: i64) -> Result<()> {
+    let engine_call: Option<String> = conn.query_row(
+        "SELECT engine_call_id FROM calls WHERE id = ?1",
+        [call_id],
+        |r| r.get(0),
+    )?;
+    if engine_call.is_some() {
+        return super::jobs::enqueue(
+            conn,
+            "ultravox_transcript",
+            Some(call_id),
+            Some(tenant_id),
+            &format!("ultravox.transcript:{call_id}"),
+            now_ms(),
+        );
+    }
+    enqueue_webhook(conn, call_id, tenant_id)
+}
+
+pub fn enqueue_webhook(conn: &Connection, call_id: &str, tenant_id: i64) -> Result<()> {
     let has_hook: bool = conn.query_row(
         "SELECT webhook_url IS NOT NULL FROM tenants WHERE id = ?1",
         [tenant_id],
         |r| r.get(0),
     )?;
     if has_hook {
-        let now = now_ms();
-        conn.execute(
-            "INSERT OR IGNORE INTO jobs (kind, call_id, tenant_id, dedupe_key, run_at, created_at, updated_at) \
-             VALUES ('webhook', ?1, ?2, ?3, ?4, ?4, ?4)",
-            params![call_id, tenant_id, format!("call.ended:{call_id}"), now],
+        super::jobs::enqueue(
+            conn,
+            "webhook",
+            Some(call_id),
+            Some(tenant_id),
+            &format!("call.ended:{call_id}"),
+            now_ms(),
         )?;
     }
     Ok(())
+}
+
+pub fn set_engine_call_id(conn: &Connection, id: &str, engine_call_id: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE calls SET engine_call_id = ?1 WHERE id = ?2",
+        params![engine_call_id, id],
+    )?;
+    Ok(())
+}
+
+pub fn engine_call_id(conn: &Connection, id: &str) -> Result<Option<String>> {
+    Ok(conn.query_row(
+        "SELECT engine_call_id FROM calls WHERE id = ?1",
+        [id],
+        |r| r.get(0),
+    )?)
 }
 
 pub fn add_event(

@@ -3,6 +3,7 @@
 //! work to Tokio's blocking pool so the async reactor never waits on disk.
 
 pub mod calls;
+pub mod jobs;
 pub mod keys;
 mod migrations;
 pub mod tenants;

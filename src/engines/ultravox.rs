@@ -1,0 +1,245 @@
+//! Ultravox (PROTOCOLS §4) with its Twilio medium: we create the Ultravox call, hand Twilio
+//! TwiML that connects the media stream straight to Ultravox's `joinUrl`, and fetch the
+//! transcript once the call is over.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::UltravoxConfig;
+use crate::store::calls::TranscriptEntry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UltravoxError {
+    #[error("Ultravox answered HTTP {status}: {message}")]
+    Api {
+        status: u16,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("cannot reach Ultravox: {0}")]
+    Transport(String),
+    #[error("unexpected answer from Ultravox: {0}")]
+    Protocol(String),
+}
+
+pub struct NewCall<'a> {
+    pub system_prompt: &'a str,
+    pub voice: Option<&'a str>,
+    /// Agent speaks first with this text; `None`: the caller speaks first.
+    pub greeting: Option<&'a str>,
+    pub max_duration: Duration,
+    pub call_id: &'a str,
+    pub tenant: &'a str,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreatedCall {
+    pub call_id: String,
+    pub join_url: String,
+}
+
+#[derive(Clone)]
+pub struct UltravoxClient {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    model: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CallBody {
+    call_id: String,
+    #[serde(default)]
+    join_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessagePage {
+    #[serde(default)]
+    next: Option<String>,
+    #[serde(default)]
+    results: Vec<Message>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    timespan: Option<Timespan>,
+}
+
+#[derive(Deserialize)]
+struct Timespan {
+    #[serde(default)]
+    start: Option<String>,
+}
+
+/// Protobuf duration strings such as `"1.2s"` → milliseconds.
+fn duration_ms(s: &str) -> Option<i64> {
+    let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
+    Some((secs * 1000.0).round() as i64)
+}
+
+impl UltravoxClient {
+    pub fn new(cfg: &UltravoxConfig) -> Result<Self, UltravoxError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(8))
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("voicectl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UltravoxError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: cfg.api_base_url.trim_end_matches('/').to_owned(),
+            key: cfg.api_key.expose().to_owned(),
+            model: cfg.model.clone(),
+        })
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, UltravoxError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| body.chars().take(200).collect());
+        Err(UltravoxError::Api {
+            status: status.as_u16(),
+            message,
+            retry_after,
+        })
+    }
+
+    /// Creates a call for Twilio to join. A 429/503 whose `Retry-After` fits inside
+    /// Twilio's webhook deadline is retried once after waiting it out.
+    pub async fn create_call(&self, c: &NewCall<'_>) -> Result<CreatedCall, UltravoxError> {
+        let mut body = json!({
+            "systemPrompt": c.system_prompt,
+            "medium": {"twilio": {}},
+            "firstSpeakerSettings": match c.greeting {
+                Some(text) => json!({"agent": {"text": text}}),
+                None => json!({"user": {}}),
+            },
+            "maxDuration": format!("{}s", c.max_duration.as_secs()),
+            "joinTimeout": "30s",
+            "metadata": {"voicectl_call_id": c.call_id, "voicectl_tenant": c.tenant},
+        });
+        if let Some(v) = c.voice.filter(|v| !v.is_empty()) {
+            body["voice"] = v.into();
+        }
+        if !self.model.is_empty() {
+            body["model"] = self.model.clone().into();
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let resp = self
+                .http
+                .post(format!("{}/api/calls", self.base))
+                .header("x-api-key", &self.key)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| UltravoxError::Transport(e.to_string()))?;
+            match Self::check(resp).await {
+                Ok(resp) => {
+                    let call: CallBody = resp
+                        .json()
+                        .await
+                        .map_err(|e| UltravoxError::Protocol(format!("call: {e}")))?;
+                    let join_url = call
+                        .join_url
+                        .filter(|u| u.starts_with("wss://") || u.starts_with("ws://"))
+                        .ok_or_else(|| {
+                            UltravoxError::Protocol("the call has no ws(s):// joinUrl".into())
+                        })?;
+                    return Ok(CreatedCall {
+                        call_id: call.call_id,
+                        join_url,
+                    });
+                }
+                Err(UltravoxError::Api {
+                    status: 429 | 503,
+                    retry_after: Some(secs),
+                    ..
+                }) if attempt == 1 && secs <= 3 => {
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The call's transcript, all pages, in order.
+    pub async fn transcript(&self, call_id: &str) -> Result<Vec<TranscriptEntry>, UltravoxError> {
+        let mut url = format!("{}/api/calls/{call_id}/messages?pageSize=100", self.base);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            let resp = self
+                .http
+                .get(&url)
+                .header("x-api-key", &self.key)
+                .send()
+                .await
+                .map_err(|e| UltravoxError::Transport(e.to_string()))?;
+            let page: MessagePage = Self::check(resp)
+                .await?
+                .json()
+                .await
+                .map_err(|e| UltravoxError::Protocol(format!("messages: {e}")))?;
+            for m in page.results {
+                let speaker = match m.role.as_str() {
+                    "MESSAGE_ROLE_USER" => "caller",
+                    "MESSAGE_ROLE_AGENT" => "agent",
+                    _ => continue,
+                };
+                let Some(text) = m.text.filter(|t| !t.trim().is_empty()) else {
+                    continue;
+                };
+                let at_ms = m
+                    .timespan
+                    .and_then(|t| t.start)
+                    .and_then(|s| duration_ms(&s))
+                    .unwrap_or(0);
+                out.push(TranscriptEntry {
+                    speaker,
+                    text,
+                    at_ms,
+                });
+            }
+            match page.next.filter(|n| !n.is_empty()) {
+                // Only follow pages on the same service.
+                Some(next) if next.starts_with(&self.base) => url = next,
+                Some(next) if next.starts_with('/') => url = format!("{}{next}", self.base),
+                _ => return Ok(out),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protobuf_durations() {
+        assert_eq!(duration_ms("1.2s"), Some(1200));
+        assert_eq!(duration_ms("0s"), Some(0));
+        assert_eq!(duration_ms("soon"), None);
+    }
+}
