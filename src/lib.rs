@@ -9,6 +9,7 @@ pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod ids;
+pub mod ops;
 pub mod phone;
 pub mod server;
 pub mod store;

@@ -2,8 +2,10 @@
 
 mod admin;
 mod calls;
+mod doctor;
 pub mod init;
 mod output;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -196,8 +198,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cert(_) => not_yet("cert"),
-        Command::Status => not_yet("status"),
-        Command::Doctor => not_yet("doctor"),
+        Command::Status => status::run(&ctx),
+        Command::Doctor => doctor::run(&ctx),
     }
 }
 

@@ -299,8 +299,6 @@ fn unavailable_commands_say_so_and_fail() {
         vec!["call", "+14155550100"],
         vec!["calls", "end", "call_x"],
         vec!["cert", "status"],
-        vec!["status"],
-        vec!["doctor"],
     ] {
         let err = i.fails(&args);
         assert!(err.contains("not available"), "{args:?}: {err}");
