@@ -2,5 +2,6 @@
 
 mod api;
 mod cli;
+mod ops;
 mod serve;
 mod support;
