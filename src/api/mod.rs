@@ -94,7 +94,7 @@ pub fn app(state: AppState) -> Router {
         // Rate limits before any handler work; metrics see the final (shaped) status.
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::ops::http::layer,
+            crate::ops::http::middleware,
         ))
         .layer(middleware::from_fn(request_context))
         .with_state(state)

@@ -23,7 +23,7 @@ pub fn routes() -> Router<AppState> {
 /// Middleware (`from_fn_with_state`): resolves the client address (available to handlers as
 /// [`ClientIp`]), refuses oversized headers (431) and over-budget clients (429) before any
 /// handler or authentication work, and records every answer in the request metrics.
-pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let ops = state.ops();
     let ip = match req.extensions().get::<ConnectInfo<SocketAddr>>() {

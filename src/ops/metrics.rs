@@ -270,7 +270,7 @@ impl<M: Render> Render for Family<M> {
 }
 
 /// A value computed when scraped (process statistics).
-pub struct Computed {
+struct Computed {
     kind: &'static str,
     value: f64,
 }

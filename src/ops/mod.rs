@@ -161,10 +161,11 @@ impl Ops {
             })
     }
 
-    /// A WebSocket slot for `ip` (`limits.max_websockets_per_ip`). Take it before upgrading and
-    /// move it into the socket's task; the slot frees when the guard drops. Err is a ready 429.
+    /// A WebSocket slot for `ip` (`limits.max_websockets_per_ip`; IPv6 counted per /64). Take
+    /// it before upgrading and move it into the socket's task; the slot frees when the guard
+    /// drops. Err is a ready 429.
     pub fn websocket_guard(&self, ip: IpAddr) -> Result<WsGuard, ApiError> {
-        match self.0.websockets.try_acquire(net::canonical(ip)) {
+        match self.0.websockets.try_acquire(net::limit_key(ip)) {
             Ok(slot) => {
                 self.0.metrics.websockets_active.inc();
                 Ok(WsGuard {
