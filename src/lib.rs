@@ -11,6 +11,7 @@ pub mod config;
 pub mod engines;
 pub mod ids;
 pub mod media;
+pub mod ops;
 pub mod phone;
 pub mod server;
 pub mod store;

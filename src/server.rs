@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::calls::manager::CallManager;
 use crate::config::{Config, TlsMode};
+use crate::ops;
 use crate::store::{self, Store, keys, tenants};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +69,10 @@ fn ensure_demo_tenant(store: &Store) -> anyhow::Result<()> {
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // First of all: from here on SIGTERM/SIGINT request a stop instead of killing us mid-way.
+    let lifecycle = ops::lifecycle::Lifecycle::install()?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
+    ops::sdnotify::notify_status("starting");
     let config = Arc::new(config);
     let data_dir = config.server.data_dir.clone();
     if config.tls.mode != TlsMode::Off {
@@ -83,6 +88,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     store::ensure_private_dir(&data_dir)?;
+    // A full disk or read-only mount stops us here, before anything is created.
+    ops::fscheck::preflight(&data_dir)?;
     let _lock = store::lock_data_dir(&data_dir)?;
     let store = Store::open(&data_dir).context("opening the database")?;
     if let Some((path, _)) = ensure_admin_key(&store, &data_dir)? {
@@ -120,13 +127,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = api::app(state.clone());
     tracing::info!(%addr, public_url = %config.public_url(), version = env!("CARGO_PKG_VERSION"), "listening");
 
+    // READY=1 only after every listener (and, with TLS, the certificate) is up: keep this
+    // after them. A stop requested during startup ends here, cleanly, without READY.
+    if lifecycle.stop_requested() {
+        let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
+        tracing::info!("stop requested during startup; exiting before ready");
+        return Ok(());
+    }
+    ops::sdnotify::ready(&format!("serving on {addr}; 0 live calls, 0 queued"));
+    let _watchdog = ops::sdnotify::spawn_watchdog(state.store().clone());
+
     let drain_state = state.clone();
     let result = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
-        shutdown_signal().await;
+        lifecycle.stopped().await;
+        ops::sdnotify::stopping("draining");
         drain_state.set_draining();
         tracing::info!("shutdown requested; draining");
     })
@@ -136,23 +154,4 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     result.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }

@@ -37,6 +37,7 @@ pub struct Inner {
     pub started: Instant,
     draining: AtomicBool,
     calls: Arc<CallManager>,
+    ops: crate::ops::Ops,
 }
 
 impl AppState {
@@ -50,17 +51,24 @@ impl AppState {
     }
 
     pub fn with_manager(store: Store, config: Arc<Config>, calls: Arc<CallManager>) -> Self {
+        let ops = crate::ops::Ops::new(&config);
         Self(Arc::new(Inner {
             store,
             config,
             started: Instant::now(),
             draining: AtomicBool::new(false),
             calls,
+            ops,
         }))
     }
 
     pub fn calls(&self) -> &Arc<CallManager> {
         &self.0.calls
+    }
+
+    /// Metrics, rate limiters and guards.
+    pub fn ops(&self) -> &crate::ops::Ops {
+        &self.0.ops
     }
 
     pub fn store(&self) -> &Store {
@@ -90,16 +98,23 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(tenants::routes())
         .merge(calls::routes())
+        .merge(crate::ops::status::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     Router::new()
         .nest("/api/v1", api)
         .nest("/twilio", twilio::routes())
         .merge(health::routes())
+        .merge(crate::ops::http::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
         // Outside the body limit, so its bare 413 is reshaped too.
         .layer(middleware::map_response(error::shape_errors))
+        // Rate limits before any handler work; metrics see the final (shaped) status.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::ops::http::middleware,
+        ))
         .layer(middleware::from_fn(request_context))
         .with_state(state)
 }

@@ -3,8 +3,10 @@
 mod admin;
 mod calls;
 mod client;
+mod doctor;
 pub mod init;
 mod output;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -197,8 +199,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cert(_) => not_yet("cert"),
-        Command::Status => not_yet("status"),
-        Command::Doctor => not_yet("doctor"),
+        Command::Status => status::run(&ctx),
+        Command::Doctor => doctor::run(&ctx),
     }
 }
 

@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// A call still queued (over capacity) after this long is canceled, not dialed late.
     pub queue_timeout: HumanDuration,
+    /// Besides loopback, who may read `GET /metrics` (CIDR blocks or addresses).
+    pub metrics_allow: Vec<String>,
+    /// Proxies/load balancers whose `X-Forwarded-For` names the real client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +87,8 @@ impl Default for ServerConfig {
             drain_timeout: HumanDuration::from_secs(60),
             max_body_bytes: 64 * 1024,
             queue_timeout: HumanDuration::from_secs(10 * 60),
+            metrics_allow: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -286,6 +292,12 @@ impl Default for UltravoxConfig {
 pub struct LimitsConfig {
     pub api_requests_per_second_per_ip: u32,
     pub calls_per_minute_per_tenant: u32,
+    /// Twilio webhooks and media upgrades (`/twilio/...`), per client IP.
+    pub webhook_requests_per_second_per_ip: u32,
+    /// Concurrent WebSocket connections per client IP.
+    pub max_websockets_per_ip: u32,
+    /// Request line plus headers, in bytes (431 beyond).
+    pub max_header_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -293,6 +305,9 @@ impl Default for LimitsConfig {
         Self {
             api_requests_per_second_per_ip: 100,
             calls_per_minute_per_tenant: 60,
+            webhook_requests_per_second_per_ip: 500,
+            max_websockets_per_ip: 1000,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -609,6 +624,30 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.limits.webhook_requests_per_second_per_ip == 0 {
+            return Err(bad(
+                "limits.webhook_requests_per_second_per_ip",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_websockets_per_ip == 0 {
+            return Err(bad(
+                "limits.max_websockets_per_ip",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return Err(bad(
+                "limits.max_header_bytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        for (key, list) in [
+            ("server.metrics_allow", &s.metrics_allow),
+            ("server.trusted_proxies", &s.trusted_proxies),
+        ] {
+            crate::ops::net::parse_list(list).map_err(|r| bad(key, r))?;
+        }
         for (i, p) in self.proxy.iter().enumerate() {
             let key = |k: &str| format!("proxy[{i}].{k}");
             if !p.path.starts_with('/') {
@@ -748,6 +787,17 @@ mod tests {
             cfg.limits.calls_per_minute_per_tenant,
             d.limits.calls_per_minute_per_tenant
         );
+        assert_eq!(
+            cfg.limits.webhook_requests_per_second_per_ip,
+            d.limits.webhook_requests_per_second_per_ip
+        );
+        assert_eq!(
+            cfg.limits.max_websockets_per_ip,
+            d.limits.max_websockets_per_ip
+        );
+        assert_eq!(cfg.limits.max_header_bytes, d.limits.max_header_bytes);
+        assert_eq!(cfg.server.metrics_allow, d.server.metrics_allow);
+        assert_eq!(cfg.server.trusted_proxies, d.server.trusted_proxies);
         assert_eq!(cfg.public_url(), "https://voice.example.com");
     }
 
@@ -812,6 +862,22 @@ mod tests {
             (
                 "[server]\ndomain=\"a.b\"\nmax_concurrent_calls=0",
                 "max_concurrent_calls",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\nmetrics_allow=[\"10.0.0.0/40\"]",
+                "server.metrics_allow",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\ntrusted_proxies=[\"lb\"]",
+                "server.trusted_proxies",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[limits]\nmax_websockets_per_ip=0",
+                "limits.max_websockets_per_ip",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[limits]\nmax_header_bytes=10",
+                "limits.max_header_bytes",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

@@ -145,9 +145,17 @@ impl Server {
     }
 
     pub fn start_args(args: &[&str], cwd: Option<&Path>) -> Server {
+        Self::start_env(args, cwd, &[])
+    }
+
+    /// Like `start_args`, with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_env(args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env_remove("VOICECTL_CONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(d) = cwd {

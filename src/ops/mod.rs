@@ -1,0 +1,307 @@
+//! Operations: what keeps one box running well. Rate limits and abuse guards, metrics,
+//! systemd integration (readiness, watchdog, signals), data-dir checks, `status` and `doctor`.
+//!
+//! [`Ops`] is the per-server bundle (metrics registry, limiters, allow-lists) that lives in
+//! `AppState`; handlers reach it as `state.ops()`.
+
+pub mod doctor;
+pub mod fscheck;
+pub mod http;
+pub mod lifecycle;
+pub mod metrics;
+pub mod net;
+pub mod ratelimit;
+pub mod sdnotify;
+pub mod status;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, StatusCode};
+
+use crate::api::ApiError;
+use crate::config::Config;
+use metrics::Metrics;
+use net::IpNet;
+use ratelimit::{ConnGuard, ConnLimiter, KeyedLimiter, Quota, RetryAfter};
+
+/// Which per-IP budget a request draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitClass {
+    /// voicectl's own API and probes: `limits.api_requests_per_second_per_ip`.
+    Api,
+    /// Twilio webhooks and media upgrades (`/twilio/…`): `limits.webhook_requests_per_second_per_ip`.
+    Webhook,
+}
+
+impl LimitClass {
+    /// Proxied sites and unknown paths are not voicectl's to limit (None).
+    pub fn for_path(path: &str) -> Option<LimitClass> {
+        let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
+        if under("/twilio") {
+            Some(LimitClass::Webhook)
+        } else if under("/api") || under("/health") || path == "/info" || path == "/metrics" {
+            Some(LimitClass::Api)
+        } else {
+            None
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            LimitClass::Api => "api",
+            LimitClass::Webhook => "webhook",
+        }
+    }
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Ops(Arc<Inner>);
+
+struct Inner {
+    metrics: Arc<Metrics>,
+    api: KeyedLimiter<IpAddr>,
+    webhook: KeyedLimiter<IpAddr>,
+    tenant_calls: KeyedLimiter<i64>,
+    tenant_calls_per_minute: u32,
+    websockets: ConnLimiter<IpAddr>,
+    trusted_proxies: Vec<IpNet>,
+    metrics_allow: Vec<IpNet>,
+    max_header_bytes: usize,
+    started_ms: i64,
+}
+
+impl Ops {
+    pub fn new(config: &Config) -> Ops {
+        let l = &config.limits;
+        // Config::validate has checked these lists; a hand-built config with a bad entry
+        // simply gets that entry ignored (and logged).
+        let nets = |key: &str, items: &[String]| -> Vec<IpNet> {
+            items
+                .iter()
+                .filter_map(|s| match IpNet::parse(s) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "ignoring invalid address block");
+                        None
+                    }
+                })
+                .collect()
+        };
+        Ops(Arc::new(Inner {
+            metrics: Arc::new(Metrics::new()),
+            api: KeyedLimiter::new(Quota::per_second(l.api_requests_per_second_per_ip)),
+            webhook: KeyedLimiter::new(Quota::per_second(l.webhook_requests_per_second_per_ip)),
+            tenant_calls: KeyedLimiter::new(Quota::per_minute(l.calls_per_minute_per_tenant)),
+            tenant_calls_per_minute: l.calls_per_minute_per_tenant,
+            websockets: ConnLimiter::new(l.max_websockets_per_ip),
+            trusted_proxies: nets("server.trusted_proxies", &config.server.trusted_proxies),
+            metrics_allow: nets("server.metrics_allow", &config.server.metrics_allow),
+            max_header_bytes: l.max_header_bytes,
+            started_ms: crate::timefmt::now_ms(),
+        }))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.0.metrics
+    }
+
+    /// Wall-clock time (Unix ms) the server state was built, i.e. when serving began.
+    pub fn started_ms(&self) -> i64 {
+        self.0.started_ms
+    }
+
+    /// The client behind `peer` (see [`net::client_ip`]).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        net::client_ip(peer, headers, &self.0.trusted_proxies)
+    }
+
+    /// Loopback always; others only when listed in `server.metrics_allow`.
+    pub fn metrics_allowed(&self, ip: IpAddr) -> bool {
+        let ip = net::canonical(ip);
+        ip.is_loopback() || self.0.metrics_allow.iter().any(|n| n.contains(ip))
+    }
+
+    /// The per-IP request budget for `class`; Err is a ready 429.
+    pub fn check_request_rate(&self, class: LimitClass, ip: IpAddr) -> Result<(), ApiError> {
+        let limiter = match class {
+            LimitClass::Api => &self.0.api,
+            LimitClass::Webhook => &self.0.webhook,
+        };
+        limiter.check(&net::limit_key(ip)).map_err(|r| {
+            self.rejected(class.label());
+            too_many(
+                r,
+                "too many requests from your address; slow down and retry later",
+            )
+        })
+    }
+
+    /// Per-tenant call creation rate: `per_minute` is the tenant's own `calls_per_minute`, or
+    /// None for `limits.calls_per_minute_per_tenant`. Call once per new call; Err is a
+    /// ready 429 naming the limit.
+    pub fn check_tenant_call_rate(
+        &self,
+        tenant_id: i64,
+        per_minute: Option<u32>,
+    ) -> Result<(), ApiError> {
+        let n = per_minute
+            .filter(|n| *n > 0)
+            .unwrap_or(self.0.tenant_calls_per_minute);
+        self.0
+            .tenant_calls
+            .check_with(&tenant_id, Quota::per_minute(n))
+            .map_err(|r| {
+                self.rejected("tenant_calls");
+                too_many(
+                    r,
+                    &format!("this tenant may start at most {n} calls per minute"),
+                )
+            })
+    }
+
+    /// A WebSocket slot for `ip` (`limits.max_websockets_per_ip`; IPv6 counted per /64). Take
+    /// it before upgrading and move it into the socket's task; the slot frees when the guard
+    /// drops. Err is a ready 429.
+    pub fn websocket_guard(&self, ip: IpAddr) -> Result<WsGuard, ApiError> {
+        match self.0.websockets.try_acquire(net::limit_key(ip)) {
+            Ok(slot) => {
+                self.0.metrics.websockets_active.inc();
+                Ok(WsGuard {
+                    _slot: slot,
+                    metrics: self.0.metrics.clone(),
+                })
+            }
+            Err(e) => {
+                self.rejected("websocket");
+                let mut err = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "too many open WebSocket connections from your address (at most {})",
+                        e.max
+                    ),
+                );
+                err.retry_after = Some(1);
+                Err(err)
+            }
+        }
+    }
+
+    /// Requests whose line and headers exceed `limits.max_header_bytes` get 431.
+    pub fn check_header_size(&self, uri_len: usize, headers: &HeaderMap) -> Result<(), ApiError> {
+        let size = uri_len
+            + headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if size <= self.0.max_header_bytes {
+            return Ok(());
+        }
+        self.rejected("headers");
+        Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "request line and headers exceed {} bytes",
+                self.0.max_header_bytes
+            ),
+        ))
+    }
+
+    fn rejected(&self, limit: &str) {
+        self.0.metrics.rate_limited.with(&[limit]).inc();
+    }
+}
+
+fn too_many(r: RetryAfter, message: &str) -> ApiError {
+    let secs = r.as_header_secs();
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("{message} (retry in {secs} s)"),
+    );
+    e.retry_after = Some(secs);
+    e
+}
+
+/// One WebSocket slot; see [`Ops::websocket_guard`].
+pub struct WsGuard {
+    _slot: ConnGuard<IpAddr>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for WsGuard {
+    fn drop(&mut self) {
+        self.metrics.websockets_active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_their_budget() {
+        for (p, c) in [
+            ("/api/v1/calls", Some(LimitClass::Api)),
+            ("/health", Some(LimitClass::Api)),
+            ("/health/ready", Some(LimitClass::Api)),
+            ("/metrics", Some(LimitClass::Api)),
+            ("/info", Some(LimitClass::Api)),
+            ("/twilio/voice", Some(LimitClass::Webhook)),
+            ("/twilio/media/abc", Some(LimitClass::Webhook)),
+            ("/", None),
+            ("/apix", None),
+            ("/site/api/v1", None),
+        ] {
+            assert_eq!(LimitClass::for_path(p), c, "{p}");
+        }
+    }
+
+    #[test]
+    fn tenant_call_rate_uses_override_and_says_so() {
+        let ops = Ops::new(&Config::dev());
+        assert!(ops.check_tenant_call_rate(1, Some(2)).is_ok());
+        assert!(ops.check_tenant_call_rate(1, Some(2)).is_ok());
+        let e = ops.check_tenant_call_rate(1, Some(2)).unwrap_err();
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.retry_after, Some(30));
+        assert!(e.message.contains("2 calls per minute"), "{}", e.message);
+        // Another tenant has its own budget.
+        assert!(ops.check_tenant_call_rate(2, Some(2)).is_ok());
+        assert_eq!(ops.metrics().rate_limited.with(&["tenant_calls"]).get(), 1);
+    }
+
+    #[test]
+    fn websocket_guard_counts_and_frees() {
+        let mut cfg = Config::dev();
+        cfg.limits.max_websockets_per_ip = 1;
+        let ops = Ops::new(&cfg);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let g = ops.websocket_guard(ip).unwrap();
+        assert_eq!(ops.metrics().websockets_active.get(), 1);
+        let e = ops.websocket_guard(ip).err().unwrap();
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        drop(g);
+        assert_eq!(ops.metrics().websockets_active.get(), 0);
+        assert!(ops.websocket_guard(ip).is_ok());
+    }
+
+    #[test]
+    fn metrics_allow_list() {
+        let mut cfg = Config::dev();
+        cfg.server.metrics_allow = vec!["10.0.0.0/8".into()];
+        let ops = Ops::new(&cfg);
+        for (ip, ok) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("10.2.3.4", true),
+            ("::ffff:10.2.3.4", true),
+            ("192.0.2.1", false),
+        ] {
+            assert_eq!(ops.metrics_allowed(ip.parse().unwrap()), ok, "{ip}");
+        }
+    }
+}
