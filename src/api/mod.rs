@@ -51,7 +51,7 @@ impl AppState {
     }
 
     pub fn with_manager(store: Store, config: Arc<Config>, calls: Arc<CallManager>) -> Self {
-        let ops = crate::ops::Ops::new(&config);
+        let ops = crate::ops::Ops::with_metrics(&config, calls.metrics.clone());
         Self(Arc::new(Inner {
             store,
             config,

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use super::error::Path;
 use super::{ApiError, AppState};
 use crate::ids::CallId;
+use crate::ops::net::ClientIp;
 use crate::telephony::twilio::signature;
 
 pub fn routes() -> Router<AppState> {
@@ -156,13 +157,19 @@ async fn amd(
 /// no params; the per-call token is checked on `start` by the bridge.
 async fn media(
     State(s): State<AppState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     verify(&s, &headers, &s.config().media_url(), &[])?;
     let ws = ws.map_err(|r| ApiError::new(r.status(), "invalid_request", r.body_text()))?;
+    // Held for the life of the socket: caps concurrent streams per client address.
+    let guard = s.ops().websocket_guard(ip)?;
     let m = s.calls().clone();
     Ok(ws
         .max_message_size(256 * 1024)
-        .on_upgrade(move |socket| crate::media::bridge::serve(m, socket)))
+        .on_upgrade(move |socket| async move {
+            crate::media::bridge::serve(m, socket).await;
+            drop(guard);
+        }))
 }

@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 
 use super::live::{CallEvent, Registry};
 use crate::config::{Config, EngineKind, HumanDuration};
-use crate::engines::breaker::Breakers;
+use crate::engines::breaker::{Breakers, State as BreakerState};
 use crate::engines::ultravox::UltravoxClient;
 use crate::engines::{CallContext, Engine, EngineError};
 use crate::ids::random_token;
+use crate::ops::metrics::{Metrics, circuit};
 use crate::phone::E164;
 use crate::store::calls::{self, Call, OutboundRequest, Scope, Transition};
 use crate::store::{Store, StoreError, tenants};
@@ -79,6 +80,7 @@ pub struct CallManager {
     ultravox: UltravoxClient,
     pub live: Registry,
     pub breakers: Arc<Breakers>,
+    pub metrics: Arc<Metrics>,
     /// Engine sessions opened while the phone rings, claimed by the media stream.
     prewarmed: Mutex<HashMap<String, JoinHandle<Result<Engine, EngineError>>>>,
     dial_wake: Notify,
@@ -111,6 +113,7 @@ impl CallManager {
             ultravox,
             live: Registry::default(),
             breakers: Arc::new(Breakers::default()),
+            metrics: Arc::new(Metrics::new()),
             prewarmed: Mutex::new(HashMap::new()),
             dial_wake: Notify::new(),
             outbox_wake: Notify::new(),
@@ -306,6 +309,13 @@ impl CallManager {
                 tracing::error!(error = %e, "expiring queued calls failed");
             }
             if self.is_draining() {
+                if let Ok((live, queued)) = self
+                    .store
+                    .run(|c| Ok((calls::live_counts(c)?.0, calls::queued_count(c)?)))
+                    .await
+                {
+                    self.publish_gauges(live, queued);
+                }
                 continue;
             }
             let max = self.config.server.max_concurrent_calls as i64;
@@ -328,6 +338,7 @@ impl CallManager {
                     continue;
                 }
             };
+            self.publish_gauges(live, queued.len() as i64);
             for (id, tenant_id, _) in queued {
                 if live >= max || self.is_draining() {
                     break;
@@ -432,6 +443,31 @@ impl CallManager {
         }
     }
 
+    /// Live/queued gauges, breaker states and the systemd status line.
+    fn publish_gauges(&self, live: i64, queued: i64) {
+        self.metrics.calls_active.set(live);
+        self.metrics.calls_queued.set(queued);
+        for (kind, state) in self.breakers.states() {
+            let v = match state {
+                BreakerState::Closed => circuit::CLOSED,
+                BreakerState::HalfOpen => circuit::HALF_OPEN,
+                BreakerState::Open => circuit::OPEN,
+            };
+            self.metrics
+                .engine_circuit_state
+                .with(&[kind.as_str()])
+                .set(v);
+        }
+        crate::ops::sdnotify::notify_status(&format!(
+            "{}{live} live calls, {queued} queued",
+            if self.is_draining() {
+                "draining; "
+            } else {
+                "serving; "
+            }
+        ));
+    }
+
     async fn expire_queue(&self, max_age_ms: i64) -> Result<(), StoreError> {
         let expired = self
             .store
@@ -472,6 +508,13 @@ impl CallManager {
                         call_id = %call.id, call_sid = ?call.twilio_call_sid, status = %call.status,
                         end_reason = ?call.end_reason, duration_seconds = ?call.duration_seconds, "call ended"
                     );
+                    self.metrics
+                        .calls_finished
+                        .with(&[call.status.as_str()])
+                        .inc();
+                    if let Some(d) = call.duration_seconds {
+                        self.metrics.call_duration.observe(d as f64);
+                    }
                     self.live.finish(id, ev);
                     self.drop_prewarmed(id);
                     self.dial_wake.notify_one();
@@ -696,6 +739,10 @@ impl CallManager {
             }
             Err(e) => {
                 tracing::error!(call_id = %id, error = %e, "Ultravox did not create the call");
+                self.metrics
+                    .engine_errors
+                    .with(&["ultravox", "create"])
+                    .inc();
                 self.breakers.failure(EngineKind::Ultravox);
                 self.apply(
                     id,
@@ -813,6 +860,10 @@ impl CallManager {
             Ok(_) => self.breakers.success(setup.kind),
             Err(e) => {
                 tracing::error!(engine = %setup.kind, error = %e, "engine failed to start");
+                self.metrics
+                    .engine_errors
+                    .with(&[setup.kind.as_str(), "connect"])
+                    .inc();
                 self.breakers.failure(setup.kind);
             }
         }

@@ -231,6 +231,11 @@ struct Bridge {
     silence: Silence,
     call_sid: String,
     latency: Latency,
+    engine: &'static str,
+    /// Media frames since the last flush to the shared counters (kept local: no shared
+    /// atomics touched per frame).
+    frames_in: u64,
+    frames_out: u64,
 }
 
 /// Latencies as the caller experiences them, measured at our edge.
@@ -310,6 +315,9 @@ impl Bridge {
             silence: Silence::Listening,
             call_sid: start.call_sid.clone(),
             latency: Latency::default(),
+            engine: kind.as_str(),
+            frames_in: 0,
+            frames_out: 0,
         };
 
         let mut engine = match m.take_engine(call_id.as_str(), setup).await {
@@ -344,6 +352,7 @@ impl Bridge {
                     };
                     match media::parse(&text) {
                         Ok((Event::Media(frame), _)) => {
+                            b.frames_in += 1;
                             b.last_media = Instant::now();
                             if let Err(e) = engine.caller_audio(&frame.payload).await {
                                 break ("engine_error", Some(e.to_string()));
@@ -410,6 +419,7 @@ impl Bridge {
                     }
                     if now.duration_since(b.last_flush) >= TRANSCRIPT_FLUSH {
                         b.flush_transcript().await;
+                        b.flush_frame_counts();
                     }
                 }
                 _ = live.end.cancelled() => break ("ended", None),
@@ -461,6 +471,7 @@ impl Bridge {
                     .await
                     .map_err(|e| e.to_string())?;
                 self.sink.flush().await.map_err(|e| e.to_string())?;
+                self.frames_out += 1;
                 self.out = String::with_capacity(1024);
             }
             EngineEvent::Transcript { speaker, text } => {
@@ -517,6 +528,16 @@ impl Bridge {
         Ok(())
     }
 
+    fn flush_frame_counts(&mut self) {
+        let m = &self.m.metrics;
+        m.media_frames
+            .with(&["in"])
+            .inc_by(std::mem::take(&mut self.frames_in));
+        m.media_frames
+            .with(&["out"])
+            .inc_by(std::mem::take(&mut self.frames_out));
+    }
+
     async fn flush_transcript(&mut self) {
         self.last_flush = Instant::now();
         if self.transcript.is_empty() {
@@ -540,6 +561,20 @@ impl Bridge {
         self.flush_transcript().await;
         let id = self.call_id.to_string();
         self.m.note_end_reason(&id, reason).await;
+        self.flush_frame_counts();
+        let m = &self.m.metrics;
+        if let Some(g) = self.latency.greeting_ms {
+            m.greeting_latency.with(&[self.engine]).observe(g / 1000.0);
+        }
+        for t in &self.latency.turn_ms {
+            m.turn_latency.with(&[self.engine]).observe(t / 1000.0);
+        }
+        for t in &self.latency.barge_in_ms {
+            m.barge_in_latency.with(&[self.engine]).observe(t / 1000.0);
+        }
+        if reason == "engine_error" {
+            m.engine_errors.with(&[self.engine, "session"]).inc();
+        }
         let latency = self.latency.to_json();
         let lid = id.clone();
         if let Err(e) = self

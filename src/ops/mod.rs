@@ -74,6 +74,11 @@ struct Inner {
 
 impl Ops {
     pub fn new(config: &Config) -> Ops {
+        Self::with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    /// Ops sharing `metrics` with the call path (which owns the call metrics).
+    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Ops {
         let l = &config.limits;
         // Config::validate has checked these lists; a hand-built config with a bad entry
         // simply gets that entry ignored (and logged).
@@ -90,7 +95,7 @@ impl Ops {
                 .collect()
         };
         Ops(Arc::new(Inner {
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             api: KeyedLimiter::new(Quota::per_second(l.api_requests_per_second_per_ip)),
             webhook: KeyedLimiter::new(Quota::per_second(l.webhook_requests_per_second_per_ip)),
             tenant_calls: KeyedLimiter::new(Quota::per_minute(l.calls_per_minute_per_tenant)),
