@@ -138,6 +138,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _watchdog = ops::sdnotify::spawn_watchdog(state.store().clone());
 
     let drain_state = state.clone();
+    let drain_timeout = config.server.drain_timeout.0;
+    let force = lifecycle.force_token();
     let result = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -145,8 +147,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .with_graceful_shutdown(async move {
         lifecycle.stopped().await;
         ops::sdnotify::stopping("draining");
+        // Readiness answers 503 from here on; no new calls are dialed.
         drain_state.set_draining();
         tracing::info!("shutdown requested; draining");
+        drain_state.calls().drain(drain_timeout, force).await;
+        tracing::info!("drained");
     })
     .await;
     shutdown.cancel();

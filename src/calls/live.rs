@@ -72,6 +72,11 @@ impl Registry {
         }
     }
 
+    /// Ends every follower stream (shutdown): nothing more will be published.
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+
     /// Forgets a call without announcing anything (followers' streams end).
     pub fn discard(&self, id: &str) {
         self.lock().remove(id);

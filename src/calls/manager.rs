@@ -87,6 +87,10 @@ pub struct CallManager {
     outbox_wake: Notify,
     draining: AtomicBool,
     shutdown: CancellationToken,
+    /// Cancelled when the drain time is up: bridges say goodbye and hang up.
+    wind_down: CancellationToken,
+    /// Calls whose media currently runs through a bridge in this process.
+    bridged: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The stream token is random; only its hash is stored, and it is consumed on first use.
@@ -119,6 +123,8 @@ impl CallManager {
             outbox_wake: Notify::new(),
             draining: AtomicBool::new(false),
             shutdown,
+            wind_down: CancellationToken::new(),
+            bridged: Mutex::new(Default::default()),
         }))
     }
 
@@ -149,6 +155,88 @@ impl CallManager {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn wind_down_token(&self) -> &CancellationToken {
+        &self.wind_down
+    }
+
+    fn bridged_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // Set operations only; poison cannot leave it inconsistent.
+        self.bridged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A bridge started serving call `id`; the guard marks its end.
+    pub fn bridge_started(self: &Arc<Self>, id: &str) -> BridgeGuard {
+        self.bridged_lock().insert(id.to_owned());
+        BridgeGuard {
+            m: self.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    /// Graceful stop: no new dialing (queued calls stay queued, and new API calls are
+    /// queued), live calls may finish within `timeout`; then the rest are ended politely
+    /// (goodbye, hang up, `end_reason = "shutdown"`). `force` (a second signal) cuts it short.
+    pub async fn drain(&self, timeout: Duration, force: CancellationToken) {
+        self.set_draining();
+        let live = self.live_count().await;
+        if live > 0 {
+            tracing::info!(
+                live,
+                timeout_s = timeout.as_secs(),
+                "waiting for live calls to finish"
+            );
+        }
+        if !self
+            .wait_no_live(tokio::time::Instant::now() + timeout, &force)
+            .await
+        {
+            let left = self.live_count().await;
+            tracing::warn!(calls = left, "drain timeout: ending the remaining calls");
+            self.wind_down.cancel();
+            // Calls without a bridge here (ringing, or media straight to Ultravox) are ended
+            // through Twilio.
+            let bridged = self.bridged_lock().clone();
+            if let Ok(active) = self.store.run(|c| calls::active(c, Scope::All)).await {
+                for call in active {
+                    if call.status != CallStatus::Queued && !bridged.contains(call.id.as_str()) {
+                        if let Err(e) = self.end(Scope::All, call.id.as_str(), "shutdown").await {
+                            tracing::warn!(call_id = %call.id, error = %e, "cannot end call at shutdown");
+                        }
+                    }
+                }
+            }
+            let grace = tokio::time::Instant::now() + Duration::from_secs(15);
+            self.wait_no_live(grace, &force).await;
+        }
+        self.live.close_all();
+    }
+
+    async fn live_count(&self) -> i64 {
+        self.store
+            .run(|c| Ok(calls::live_counts(c)?.0))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// True once no call is live; false at `deadline` or when forced.
+    async fn wait_no_live(
+        &self,
+        deadline: tokio::time::Instant,
+        force: &CancellationToken,
+    ) -> bool {
+        loop {
+            if self.live_count().await == 0 {
+                return true;
+            }
+            tokio::select! {
+                _ = self.dial_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = force.cancelled() => return false,
+            }
+        }
     }
 
     /// Starts the background workers: the dialer and the tenant-webhook outbox.
@@ -1045,6 +1133,18 @@ impl CallManager {
             tracing::warn!(calls = n, "closed calls interrupted by a restart");
         }
         Ok(n)
+    }
+}
+
+/// Removes a call from the bridged set when its bridge ends.
+pub struct BridgeGuard {
+    m: Arc<CallManager>,
+    id: String,
+}
+
+impl Drop for BridgeGuard {
+    fn drop(&mut self) {
+        self.m.bridged_lock().remove(&self.id);
     }
 }
 

@@ -286,6 +286,9 @@ impl Bridge {
         let max_duration = setup.max_duration;
         let silence_timeout = cfg.agent.silence_timeout.0;
         let live = m.live.get_or_create(call_id.as_str());
+        let _bridged = m.bridge_started(call_id.as_str());
+        let wind_down = m.wind_down_token().clone();
+        let mut winding_down = false;
         m.apply(
             call_id.as_str(),
             Transition {
@@ -423,6 +426,12 @@ impl Bridge {
                     }
                 }
                 _ = live.end.cancelled() => break ("ended", None),
+                _ = wind_down.cancelled(), if !winding_down => {
+                    winding_down = true;
+                    if b.hangup.is_none() {
+                        b.say_goodbye(&mut engine, "shutdown").await;
+                    }
+                }
             }
         };
         engine.close().await;

@@ -19,6 +19,8 @@ pub struct SignalError {
 #[derive(Clone)]
 pub struct Lifecycle {
     stop: CancellationToken,
+    /// A second stop signal: skip the drain and exit now.
+    force: CancellationToken,
     reloads: watch::Receiver<u64>,
 }
 
@@ -31,19 +33,27 @@ impl Lifecycle {
         let mut int = handler(SignalKind::interrupt(), "SIGINT")?;
         let mut hup = handler(SignalKind::hangup(), "SIGHUP")?;
         let stop = CancellationToken::new();
+        let force = CancellationToken::new();
         let (reload_tx, reloads) = watch::channel(0u64);
         let token = stop.clone();
+        let force_token = force.clone();
+        let on_stop = move |signal: &'static str| {
+            if token.is_cancelled() {
+                tracing::warn!(
+                    signal,
+                    "second stop signal: exiting without waiting for calls"
+                );
+                force_token.cancel();
+            } else {
+                tracing::info!(signal, "stop requested");
+                token.cancel();
+            }
+        };
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = term.recv() => {
-                        tracing::info!(signal = "SIGTERM", "stop requested");
-                        token.cancel();
-                    }
-                    _ = int.recv() => {
-                        tracing::info!(signal = "SIGINT", "stop requested");
-                        token.cancel();
-                    }
+                    _ = term.recv() => on_stop("SIGTERM"),
+                    _ = int.recv() => on_stop("SIGINT"),
                     _ = hup.recv() => {
                         tracing::info!(signal = "SIGHUP", "reload requested");
                         reload_tx.send_modify(|n| *n += 1);
@@ -51,7 +61,11 @@ impl Lifecycle {
                 }
             }
         });
-        Ok(Lifecycle { stop, reloads })
+        Ok(Lifecycle {
+            stop,
+            force,
+            reloads,
+        })
     }
 
     /// A lifecycle driven by hand (tests, embedding).
@@ -61,6 +75,7 @@ impl Lifecycle {
         (
             Lifecycle {
                 stop: stop.clone(),
+                force: CancellationToken::new(),
                 reloads,
             },
             stop,
@@ -75,6 +90,11 @@ impl Lifecycle {
     /// Resolves once a stop is requested (at once if it already was).
     pub async fn stopped(&self) {
         self.stop.cancelled().await
+    }
+
+    /// Cancelled by a second stop signal: give up draining.
+    pub fn force_token(&self) -> CancellationToken {
+        self.force.clone()
     }
 
     /// The token behind [`Self::stopped`], for tasks that hold their own clone.
