@@ -200,10 +200,11 @@ impl CallManager {
             let bridged = self.bridged_lock().clone();
             if let Ok(active) = self.store.run(|c| calls::active(c, Scope::All)).await {
                 for call in active {
-                    if call.status != CallStatus::Queued && !bridged.contains(call.id.as_str()) {
-                        if let Err(e) = self.end(Scope::All, call.id.as_str(), "shutdown").await {
-                            tracing::warn!(call_id = %call.id, error = %e, "cannot end call at shutdown");
-                        }
+                    if call.status != CallStatus::Queued
+                        && !bridged.contains(call.id.as_str())
+                        && let Err(e) = self.end(Scope::All, call.id.as_str(), "shutdown").await
+                    {
+                        tracing::warn!(call_id = %call.id, error = %e, "cannot end call at shutdown");
                     }
                 }
             }
