@@ -68,12 +68,11 @@ fn ensure_demo_tenant(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     // First of all: from here on SIGTERM/SIGINT request a stop instead of killing us mid-way.
     let lifecycle = ops::lifecycle::Lifecycle::install()?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     ops::sdnotify::notify_status("starting");
-    let config = Arc::new(config);
     let data_dir = config.server.data_dir.clone();
     if config.tls.mode != TlsMode::Off {
         bail!(
@@ -103,6 +102,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
     let addr = listener.local_addr()?;
+    if config.tls.mode == TlsMode::Off && config.server.public_url.is_empty() {
+        // With an ephemeral port (`listen = "127.0.0.1:0"`) only now is the URL known.
+        config.server.public_url = format!("http://{addr}");
+    }
+    // Dev and demos: Twilio is replaced by the built-in simulator, in this process.
+    let _simulator = if config.twilio.simulate {
+        let mut sim_cfg = crate::telephony::sim::SimConfig::new(
+            config.twilio.account_sid.clone(),
+            config.twilio.auth_token.expose(),
+        );
+        sim_cfg.timing = crate::telephony::sim::Timing::realistic();
+        let sim = crate::telephony::sim::start(sim_cfg)
+            .await
+            .context("starting the Twilio simulator")?;
+        config.twilio.api_base_url = sim.base_url();
+        tracing::warn!(
+            api_base_url = %config.twilio.api_base_url,
+            "twilio.simulate is on: calls go to the built-in simulator, not to Twilio"
+        );
+        Some(sim)
+    } else {
+        None
+    };
+    let config = Arc::new(config);
     let runtime = RuntimeInfo {
         pid: std::process::id(),
         listen: Some(addr),
@@ -113,9 +136,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         serde_json::to_string(&runtime)?.as_bytes(),
     )?;
 
-    if config.twilio.simulate {
-        tracing::warn!("twilio.simulate is on: calls go to the built-in simulator, not to Twilio");
-    }
     let shutdown = CancellationToken::new();
     let manager = CallManager::new(store.clone(), config.clone(), shutdown.clone())?;
     manager

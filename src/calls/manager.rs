@@ -594,8 +594,12 @@ impl CallManager {
                 };
                 if call.status.is_terminal() {
                     tracing::info!(
-                        call_id = %call.id, call_sid = ?call.twilio_call_sid, status = %call.status,
-                        end_reason = ?call.end_reason, duration_seconds = ?call.duration_seconds, "call ended"
+                        call_id = %call.id,
+                        call_sid = call.twilio_call_sid.as_deref().unwrap_or(""),
+                        status = %call.status,
+                        end_reason = call.end_reason.as_deref().unwrap_or(""),
+                        duration_seconds = call.duration_seconds.unwrap_or(0),
+                        "call ended"
                     );
                     self.metrics
                         .calls_finished
@@ -609,7 +613,7 @@ impl CallManager {
                     self.dial_wake.notify_one();
                     self.outbox_wake.notify_one();
                 } else {
-                    tracing::info!(call_id = %call.id, call_sid = ?call.twilio_call_sid, status = %call.status, "call status");
+                    tracing::info!(call_id = %call.id, call_sid = call.twilio_call_sid.as_deref().unwrap_or(""), status = %call.status, "call status");
                     self.live.publish(id, ev);
                 }
                 Some(call)
