@@ -3,6 +3,7 @@
 mod api;
 mod calls;
 mod cli;
+mod e2e;
 mod ops;
 mod serve;
 mod support;
