@@ -159,40 +159,7 @@ impl Stack {
 
     /// Follows the call's SSE stream until it ends; returns (event, data) pairs.
     pub async fn follow(&self, id: &str, within: Duration) -> Vec<(String, Value)> {
-        let resp = self
-            .http
-            .get(format!("{}/api/v1/calls/{id}/events", self.base))
-            .bearer_auth(&self.key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let mut out = Vec::new();
-        let mut buf = String::new();
-        let mut stream = resp.bytes_stream();
-        let read = async {
-            while let Some(chunk) = stream.next().await {
-                buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-                while let Some(end) = buf.find("\n\n") {
-                    let block: String = buf.drain(..end + 2).collect();
-                    let (mut name, mut data) = (String::new(), String::new());
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("event: ") {
-                            name = v.to_owned();
-                        } else if let Some(v) = line.strip_prefix("data: ") {
-                            data.push_str(v);
-                        }
-                    }
-                    if let Ok(v) = serde_json::from_str(&data) {
-                        out.push((name, v));
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(within, read)
-            .await
-            .expect("call did not end in time");
-        out
+        follow_with(&self.http, &self.base, &self.key, id, within).await
     }
 
     pub async fn get(&self, id: &str) -> Value {
@@ -212,6 +179,49 @@ impl Stack {
             .1;
         v["entries"].as_array().cloned().unwrap_or_default()
     }
+}
+
+/// Follows a call's SSE stream on the server at `base` until it ends.
+pub async fn follow_with(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    id: &str,
+    within: Duration,
+) -> Vec<(String, Value)> {
+    let resp = http
+        .get(format!("{base}/api/v1/calls/{id}/events"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut stream = resp.bytes_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if let Ok(v) = serde_json::from_str(&data) {
+                    out.push((name, v));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .expect("call did not end in time");
+    out
 }
 
 pub fn statuses(events: &[(String, Value)]) -> Vec<String> {

@@ -4,6 +4,7 @@ mod api;
 mod calls;
 mod cli;
 mod e2e;
+mod lifecycle;
 mod ops;
 mod serve;
 mod support;

@@ -213,6 +213,35 @@ impl Server {
         format!("http://{}{path}", self.addr)
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Waits (bounded) for the server to exit by itself, e.g. after a signal sent elsewhere.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id() as i32;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(within) {
+            Ok(st) => st.expect("wait"),
+            Err(_) => {
+                // SAFETY: kill(2) on our own child's pid; the waiter thread reaps it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("server did not exit within {within:?}");
+            }
+        }
+    }
+
+    /// SIGKILL: a crash, with no chance to clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
