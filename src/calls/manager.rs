@@ -490,10 +490,12 @@ impl CallManager {
             answer_url: format!("{base}/twilio/answer/{id}"),
             status_callback: format!("{base}/twilio/status/{id}"),
             timeout_secs: self.config.twilio.ring_timeout.as_secs() as u32,
+            // A backstop only: our own governor ends the call politely at max_duration.
             time_limit_secs: detail
                 .max_duration_secs
                 .map(|s| s as u64)
-                .unwrap_or(self.config.agent.max_call_duration.as_secs()),
+                .unwrap_or(self.config.agent.max_call_duration.as_secs())
+                + TIME_LIMIT_GRACE_SECS,
             amd_callback: detail
                 .machine_detection
                 .then(|| format!("{base}/twilio/amd/{id}")),
@@ -782,6 +784,9 @@ impl CallManager {
                 },
             )
             .await;
+        }
+        if EngineKind::parse(&call.engine) == Some(EngineKind::Ultravox) {
+            return self.ultravox_twiml(id).await;
         }
         match self.stream_twiml(call.id.as_str()).await {
             Ok(xml) => {
@@ -1152,6 +1157,10 @@ impl Drop for BridgeGuard {
         self.m.bridged_lock().remove(&self.id);
     }
 }
+
+/// Twilio's `TimeLimit` exceeds our duration governor by this much, so the governor's
+/// goodbye comes first and Twilio's hard cut only catches what we somehow miss.
+pub const TIME_LIMIT_GRACE_SECS: u64 = 30;
 
 /// Queues a check with Twilio at `at` for call `id` (once per call).
 pub fn schedule_reconcile(c: &rusqlite::Connection, id: &str, at: i64) -> Result<(), StoreError> {

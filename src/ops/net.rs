@@ -191,3 +191,26 @@ mod tests {
         );
     }
 }
+
+/// How the client reached us. The edge inserts `Scheme::Https` as a request extension on
+/// connections it terminated with TLS; absent means plain HTTP. The proxy uses it for
+/// `X-Forwarded-Proto`, the edge for HSTS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn of(extensions: &axum::http::Extensions) -> Scheme {
+        extensions.get::<Scheme>().copied().unwrap_or_default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}

@@ -36,7 +36,7 @@ pub struct Opts {
     pub max_calls: u32,
     pub shuffle: bool,
     pub webhook_url: Option<String>,
-    pub tweak: fn(&mut Config),
+    pub tweak: Box<dyn FnOnce(&mut Config) + Send>,
 }
 
 impl Default for Opts {
@@ -45,7 +45,7 @@ impl Default for Opts {
             max_calls: 20,
             shuffle: false,
             webhook_url: None,
-            tweak: |_| {},
+            tweak: Box::new(|_| {}),
         }
     }
 }
@@ -301,7 +301,10 @@ async fn outbound_call_completes_with_transcript_and_signed_callbacks() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(events, ["initiated", "ringing", "answered", "completed"]);
-    assert!(p.iter().any(|(k, v)| k == "TimeLimit" && v == "900"));
+    assert!(
+        p.iter().any(|(k, v)| k == "TimeLimit" && v == "930"),
+        "max_call_duration + grace"
+    );
     assert_eq!(s.manager.live.len(), 0, "no live-call state left behind");
 }
 
