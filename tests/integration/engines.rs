@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::e2e::{Opts, Stack, stack, statuses};
 use crate::fakes::realtime::{ErrorOn, Failure, FakeRealtime, Mode, RealtimeOpts};
-use crate::fakes::ultravox::{CreateFailure, FakeUltravox, UltravoxOpts};
+use crate::fakes::ultravox::{CreateFailure, FakeUltravox, JoinUrl, UltravoxOpts};
 use voicectl::config::{EngineKind, HumanDuration, Secret};
 use voicectl::telephony::sim::{CallerScript, Scenario, Step};
 
@@ -205,6 +205,7 @@ async fn realtime_failures_end_calls_cleanly_and_open_the_breaker() {
             close: false,
         },
         Failure::Garbage,
+        Failure::NeverAnswer,
     ]
     .into_iter()
     .enumerate()
@@ -232,6 +233,15 @@ async fn realtime_failures_end_calls_cleanly_and_open_the_breaker() {
         assert!(
             call["error"].as_str().is_some_and(|e| e.contains("OpenAI")),
             "{call}"
+        );
+        // The caller heard an apology, not dead air (Twilio speaks the redirected TwiML).
+        let rec = sim_record(&s, &id).await;
+        assert!(
+            rec.said
+                .iter()
+                .any(|t| t.contains("technical difficulties")),
+            "{fail:?}: {:?}",
+            rec.said
         );
         rt.wait_until("no open sessions", Duration::from_secs(5), |st| {
             (st.open == 0).then_some(())
@@ -437,4 +447,47 @@ async fn ultravox_errors_fail_the_call_with_an_apology() {
         "{:?}",
         rec.said
     );
+}
+
+#[tokio::test]
+async fn ultravox_join_url_that_is_not_a_websocket_fails_the_call() {
+    for (i, join_url) in [JoinUrl::Scheme("https".into()), JoinUrl::Null]
+        .into_iter()
+        .enumerate()
+    {
+        let uv = FakeUltravox::start(UltravoxOpts {
+            join_url: join_url.clone(),
+            ..Default::default()
+        })
+        .await;
+        let base = uv.base_url();
+        let key = uv.opts().api_key.clone();
+        let s = stack(Opts {
+            tweak: Box::new(move |c: &mut voicectl::config::Config| {
+                c.agent.engine = EngineKind::Ultravox;
+                c.ultravox.api_base_url = base;
+                c.ultravox.api_key = Secret::new(key);
+            }),
+            ..Default::default()
+        })
+        .await;
+        let to = format!("+1415555071{i}");
+        let (id, ev) = run_call(&s, &to, answer(vec![Step::Silence(500)]), 15).await;
+        assert_eq!(statuses(&ev).last().unwrap(), "failed", "{join_url:?}");
+        let call = s.get(&id).await;
+        assert_eq!(call["end_reason"], "engine_error", "{call}");
+        assert!(
+            call["error"].as_str().unwrap().contains("joinUrl"),
+            "{call}"
+        );
+        let rec = sim_record(&s, &id).await;
+        assert!(
+            rec.said
+                .iter()
+                .any(|t| t.contains("technical difficulties")),
+            "{:?}",
+            rec.said
+        );
+        assert!(rec.streams.is_empty(), "no media stream was opened");
+    }
 }

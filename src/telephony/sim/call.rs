@@ -169,6 +169,13 @@ pub(crate) fn start_inbound(inner: &Arc<Inner>, call: InboundCall) -> String {
     sid
 }
 
+/// Where a call update sends a live call.
+#[derive(Debug, Clone)]
+pub(crate) enum Redirect {
+    Url { url: String, method: String },
+    Twiml(Vec<Verb>),
+}
+
 pub(crate) enum Waited<T> {
     Done(T),
     /// The call ended (from outside, or its time limit) while waiting.
@@ -186,6 +193,7 @@ pub(crate) struct Ctx {
     pub inner: Arc<Inner>,
     pub cell: Arc<CallCell>,
     pub end_rx: watch::Receiver<Option<EndReason>>,
+    pub redirect_rx: watch::Receiver<u64>,
     pub deadline: Option<Instant>,
     pub runner: Runner,
     cb_tx: Option<mpsc::UnboundedSender<Callback>>,
@@ -196,6 +204,13 @@ pub(crate) struct Ctx {
     direction: Direction,
     from: String,
     to: String,
+}
+
+/// Resolves when the call is handed new instructions.
+pub(crate) async fn redirected(rx: &mut watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -222,6 +237,7 @@ impl Ctx {
         Self {
             inner: inner.clone(),
             end_rx: cell.end_tx.subscribe(),
+            redirect_rx: cell.redirect_tx.subscribe(),
             cell,
             deadline: None,
             runner: Runner::new(script),
@@ -241,13 +257,16 @@ impl Ctx {
     }
 
     /// Runs `fut` unless the call ends first (externally, or by reaching its time limit,
-    /// which this ends it for).
+    /// which this ends it for) or is redirected (then `Ended` too: the current TwiML stops
+    /// and [`Ctx::execute`] picks up the new instructions).
     pub async fn until<F: Future>(&mut self, fut: F) -> Waited<F::Output> {
         let deadline = self.deadline;
         let end_rx = &mut self.end_rx;
+        let redirect_rx = &mut self.redirect_rx;
         let race = tokio::select! {
             biased;
             _ = end_rx.wait_for(Option::is_some) => Race::External,
+            _ = redirected(redirect_rx) => Race::External,
             _ = sleep_until_opt(deadline) => Race::Deadline,
             v = fut => Race::Done(v),
         };
@@ -612,10 +631,32 @@ impl Ctx {
         self.cell.rec().answered_at_ms.is_some()
     }
 
+    /// Runs TwiML, then whatever a call update redirects the call to, until the call ends.
     async fn execute(&mut self, verbs: Vec<Verb>) {
+        self.run_verbs(verbs).await;
+        while let Some(to) = self.cell.take_redirect() {
+            if self.is_ended() {
+                return;
+            }
+            self.redirect_rx.borrow_and_update();
+            let verbs = match to {
+                Redirect::Twiml(v) => Some(v),
+                Redirect::Url { url, method } => {
+                    self.fetch_twiml(&url, &method, CallStatus::InProgress, Vec::new())
+                        .await
+                }
+            };
+            match verbs {
+                Some(v) => self.run_verbs(v).await,
+                None => return,
+            }
+        }
+    }
+
+    async fn run_verbs(&mut self, verbs: Vec<Verb>) {
         let per_char = self.inner.cfg.timing.say_per_char;
         for verb in verbs {
-            if self.is_ended() {
+            if self.is_ended() || self.cell.has_redirect() {
                 return;
             }
             if let Verb::Reject { reason } = &verb {
@@ -659,7 +700,9 @@ impl Ctx {
                 Verb::Reject { .. } => {}
             }
         }
-        self.end_self(CallStatus::Completed, EndReason::TwimlEnd);
+        if !self.cell.has_redirect() {
+            self.end_self(CallStatus::Completed, EndReason::TwimlEnd);
+        }
     }
 
     /// The final callback, then "ended" once every callback has been delivered.

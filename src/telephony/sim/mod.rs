@@ -312,6 +312,10 @@ pub(crate) struct CallCell {
     dtmf: Mutex<VecDeque<char>>,
     /// The resource status first reached `ringing`/dialing: a cancel now fires callbacks.
     dialed: std::sync::atomic::AtomicBool,
+    /// New instructions for a live call (`Url`/`Twiml` on a call update); the version bump
+    /// wakes the call's task, which stops what it is doing and runs them.
+    redirect: Mutex<Option<call::Redirect>>,
+    redirect_tx: watch::Sender<u64>,
 }
 
 /// Recovers the data from a poisoned lock: a panicking test task must not take the whole
@@ -330,7 +334,23 @@ impl CallCell {
             ended_tx: watch::Sender::new(false),
             dtmf: Mutex::new(VecDeque::new()),
             dialed: std::sync::atomic::AtomicBool::new(false),
+            redirect: Mutex::new(None),
+            redirect_tx: watch::Sender::new(0),
         }
+    }
+
+    /// Hands a live call new instructions, replacing any not yet picked up.
+    fn redirect(&self, to: call::Redirect) {
+        *lock(&self.redirect) = Some(to);
+        self.redirect_tx.send_modify(|v| *v += 1);
+    }
+
+    fn take_redirect(&self) -> Option<call::Redirect> {
+        lock(&self.redirect).take()
+    }
+
+    fn has_redirect(&self) -> bool {
+        lock(&self.redirect).is_some()
     }
 
     fn rec(&self) -> MutexGuard<'_, SimCallRecord> {

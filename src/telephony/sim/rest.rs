@@ -374,12 +374,30 @@ fn create(inner: &Arc<Inner>, params: Vec<(String, String)>) -> Reply {
 }
 
 fn update(inner: &Arc<Inner>, cell: &super::CallCell, params: &[(String, String)]) -> Reply {
-    if param(params, "Url").is_some() || param(params, "Twiml").is_some() {
-        return Err(err(
-            400,
-            21200,
-            "redirecting a live call (Url/Twiml) is not implemented by the simulator",
-        ));
+    // If both are given, Twilio uses Url and ignores Twiml (PROTOCOLS §3.2).
+    let redirect = match (param(params, "Url"), param(params, "Twiml")) {
+        (Some(url), _) => Some(super::call::Redirect::Url {
+            url: url.to_owned(),
+            method: param(params, "Method").unwrap_or("POST").to_owned(),
+        }),
+        (None, Some(xml)) => Some(super::call::Redirect::Twiml(
+            super::twiml::parse(xml)
+                .map_err(|e| err(400, 21200, format!("Twiml is not valid TwiML: {e}")))?,
+        )),
+        (None, None) => None,
+    };
+    if let Some(to) = redirect {
+        // The simulator redirects answered calls only (Twilio would also accept a ringing
+        // call's new Url, run once it is answered).
+        let status = cell.rec().status;
+        if status != CallStatus::InProgress {
+            return Err(err(
+                400,
+                21220,
+                format!("Invalid call state: the call is {status}"),
+            ));
+        }
+        cell.redirect(to);
     }
     let invalid_state =
         |s: CallStatus| err(400, 21220, format!("Invalid call state: the call is {s}"));

@@ -431,6 +431,7 @@ impl Session {
             let next = tokio::select! {
                 biased;
                 _ = ctx.end_rx.wait_for(Option::is_some) => Next::External,
+                _ = super::call::redirected(&mut ctx.redirect_rx) => Next::External,
                 _ = sleep_until_opt(deadline) => Next::Deadline,
                 at = ticker.tick() => Next::Tick(at),
                 m = rx.next() => Next::Msg(m),
