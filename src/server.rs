@@ -143,6 +143,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         .await
         .context("closing calls interrupted by the last stop")?;
     manager.spawn_workers();
+    let _reloader = ops::reload::spawn(lifecycle.reloads(), manager.clone());
     let state = AppState::with_manager(store, config.clone(), manager);
     let app = api::app(state.clone());
     tracing::info!(%addr, public_url = %config.public_url(), version = env!("CARGO_PKG_VERSION"), "listening");

@@ -33,7 +33,6 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub store: Store,
-    pub config: Arc<Config>,
     pub started: Instant,
     draining: AtomicBool,
     calls: Arc<CallManager>,
@@ -54,7 +53,6 @@ impl AppState {
         let ops = crate::ops::Ops::with_metrics(&config, calls.metrics.clone());
         Self(Arc::new(Inner {
             store,
-            config,
             started: Instant::now(),
             draining: AtomicBool::new(false),
             calls,
@@ -75,8 +73,10 @@ impl AppState {
         &self.0.store
     }
 
-    pub fn config(&self) -> &Config {
-        &self.0.config
+    /// The configuration in force; a reload (SIGHUP) swaps it, so hold the snapshot only
+    /// for the request at hand.
+    pub fn config(&self) -> Arc<Config> {
+        self.0.calls.config()
     }
 
     pub fn uptime_secs(&self) -> u64 {

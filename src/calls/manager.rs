@@ -75,7 +75,8 @@ pub struct CallSetup {
 
 pub struct CallManager {
     store: Store,
-    config: Arc<Config>,
+    /// Swapped whole by a reload (SIGHUP); each call keeps the snapshot it started with.
+    config: std::sync::RwLock<Arc<Config>>,
     twilio: TwilioClient,
     ultravox: UltravoxClient,
     pub live: Registry,
@@ -112,7 +113,7 @@ impl CallManager {
         let ultravox = UltravoxClient::new(&config.ultravox)?;
         Ok(Arc::new(Self {
             store,
-            config,
+            config: std::sync::RwLock::new(config),
             twilio,
             ultravox,
             live: Registry::default(),
@@ -132,8 +133,18 @@ impl CallManager {
         &self.store
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration now in force (a snapshot: a reload swaps in a new one).
+    pub fn config(&self) -> Arc<Config> {
+        // A poisoned lock still holds a whole, valid Arc.
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts a reloaded configuration in force for new calls and requests.
+    pub fn replace_config(&self, config: Arc<Config>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
     pub fn twilio(&self) -> &TwilioClient {
@@ -308,7 +319,7 @@ impl CallManager {
                 .into());
             }
         }
-        let config = self.config.clone();
+        let config = self.config();
         let breakers = self.breakers.clone();
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
         let outcome = self
@@ -386,8 +397,8 @@ impl CallManager {
     // ---- dialing ------------------------------------------------------------------
 
     async fn dialer(self: Arc<Self>) {
-        let mut pacer = Pacer::new(self.config.twilio.calls_per_second);
-        let queue_timeout_ms = self.config.server.queue_timeout.0.as_millis() as i64;
+        let mut pacer = Pacer::new(self.config().twilio.calls_per_second);
+        let queue_timeout_ms = self.config().server.queue_timeout.0.as_millis() as i64;
         loop {
             tokio::select! {
                 _ = self.dial_wake.notified() => {}
@@ -407,7 +418,7 @@ impl CallManager {
                 }
                 continue;
             }
-            let max = self.config.server.max_concurrent_calls as i64;
+            let max = self.config().server.max_concurrent_calls as i64;
             let work = self
                 .store
                 .run(|c| {
@@ -483,18 +494,18 @@ impl CallManager {
                 return;
             }
         };
-        let base = self.config.public_url();
+        let base = self.config().public_url();
         let req = CreateCall {
             to: detail.call.to.clone(),
             from: detail.call.from.clone(),
             answer_url: format!("{base}/twilio/answer/{id}"),
             status_callback: format!("{base}/twilio/status/{id}"),
-            timeout_secs: self.config.twilio.ring_timeout.as_secs() as u32,
+            timeout_secs: self.config().twilio.ring_timeout.as_secs() as u32,
             // A backstop only: our own governor ends the call politely at max_duration.
             time_limit_secs: detail
                 .max_duration_secs
                 .map(|s| s as u64)
-                .unwrap_or(self.config.agent.max_call_duration.as_secs())
+                .unwrap_or(self.config().agent.max_call_duration.as_secs())
                 + TIME_LIMIT_GRACE_SECS,
             amd_callback: detail
                 .machine_detection
@@ -810,9 +821,10 @@ impl CallManager {
                 return twiml::say_hangup("Sorry, something went wrong. Goodbye.");
             }
         };
-        let voice = (setup.ctx.voice != self.config.agent.voice)
+        let config = self.config();
+        let voice = (setup.ctx.voice != config.agent.voice)
             .then_some(setup.ctx.voice.as_str())
-            .or(Some(self.config.ultravox.voice.as_str()));
+            .or(Some(config.ultravox.voice.as_str()));
         let req = crate::engines::ultravox::NewCall {
             system_prompt: &setup.ctx.system_prompt,
             voice,
@@ -871,7 +883,7 @@ impl CallManager {
                 Ok((d, t))
             })
             .await?;
-        let cfg = &self.config;
+        let cfg = &self.config();
         let inbound = detail.call.direction == crate::calls::Direction::Inbound;
         let ctx = CallContext {
             call_id: detail.call.id.clone(),
@@ -920,7 +932,7 @@ impl CallManager {
                 .await
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
             let started = std::time::Instant::now();
-            let r = Engine::start(setup.kind, setup.ctx, &me.config).await;
+            let r = Engine::start(setup.kind, setup.ctx, &me.config()).await;
             tracing::debug!(call_id = %cid, ms = started.elapsed().as_millis() as u64, ok = r.is_ok(), "engine pre-warmed");
             r
         });
@@ -950,9 +962,9 @@ impl CallManager {
         let result = match pre {
             Some(h) => match h.await {
                 Ok(r) => r,
-                Err(_) => Engine::start(setup.kind, setup.ctx, &self.config).await,
+                Err(_) => Engine::start(setup.kind, setup.ctx, &self.config()).await,
             },
-            None => Engine::start(setup.kind, setup.ctx, &self.config).await,
+            None => Engine::start(setup.kind, setup.ctx, &self.config()).await,
         };
         match &result {
             Ok(_) => self.breakers.success(setup.kind),
@@ -988,7 +1000,7 @@ impl CallManager {
             .run(move |c| calls::set_stream_token(c, &sid, &hash))
             .await?;
         Ok(twiml::connect_stream(
-            &self.config.media_url(),
+            &self.config().media_url(),
             &[("call_id", id), ("token", &token)],
         ))
     }
@@ -1004,7 +1016,7 @@ impl CallManager {
                 "Sorry, we cannot take calls right now. Please call again later. Goodbye.",
             );
         }
-        let config = self.config.clone();
+        let config = self.config();
         let max = config.server.max_concurrent_calls as i64;
         let (to_c, from_c, sid_c) = (to.clone(), from.clone(), sid.clone());
         let result = self

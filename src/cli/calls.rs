@@ -15,16 +15,27 @@ use crate::store::tenants;
 pub struct CallArgs {
     /// Number to call (E.164, e.g. +14155550100)
     pub number: String,
+    /// Tenant to call for (may be omitted when there is only one)
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Caller ID (E.164; default: the tenant's, else twilio.from_number)
     #[arg(long = "from")]
     pub from_number: Option<String>,
+    /// System prompt for this call
     #[arg(long)]
     pub prompt: Option<String>,
+    /// What the agent says first
     #[arg(long)]
     pub greeting: Option<String>,
+    /// openai-realtime | ultravox | scripted
     #[arg(long)]
     pub engine: Option<String>,
+    /// Agent voice
+    #[arg(long)]
+    pub voice: Option<String>,
+    /// Hard limit for this call, e.g. 5m
+    #[arg(long)]
+    pub max_duration: Option<String>,
     /// Return once the call is created instead of following it
     #[arg(long)]
     pub no_wait: bool,
@@ -67,6 +78,8 @@ pub fn call(ctx: &Ctx, args: CallArgs) -> anyhow::Result<ExitCode> {
         ("system_prompt", &args.prompt),
         ("greeting", &args.greeting),
         ("engine", &args.engine),
+        ("voice", &args.voice),
+        ("max_duration", &args.max_duration),
     ] {
         if let Some(v) = v {
             body[k] = v.clone().into();

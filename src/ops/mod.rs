@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;
+pub mod reload;
 pub mod sdnotify;
 pub mod status;
 

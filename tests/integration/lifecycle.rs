@@ -181,3 +181,69 @@ async fn kill_9_then_restart_closes_interrupted_calls_and_dials_the_queue() {
     .await;
     assert_eq!(statuses(&events).last().unwrap(), "completed", "{events:?}");
 }
+
+fn logged(server: &Server, what: &str) -> Value {
+    loop {
+        let line = server
+            .logs
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no log line {what:?}"));
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && v["message"].as_str().is_some_and(|m| m.starts_with(what))
+        {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_and_a_bad_file_changes_nothing() {
+    let (sim, install, key) = setup("2s").await;
+    let to = "+14155550401";
+    sim.set_scenario(
+        to,
+        Scenario::answer(CallerScript::new(vec![Step::Silence(1500), Step::Hangup])),
+    );
+    let server = Server::start(&install);
+    let http = reqwest::Client::new();
+    let good = std::fs::read_to_string(&install.config).unwrap();
+    let hup = || {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    };
+
+    // An invalid file: logged, and the server keeps running on what it had.
+    std::fs::write(&install.config, format!("{good}bogus = 1\n")).unwrap();
+    hup();
+    let err = logged(&server, "config reload failed");
+    assert!(err["error"].as_str().unwrap().contains("bogus"), "{err}");
+    let r = http.get(server.url("/health/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A valid one: the new greeting is in force for the next call; the listener change is
+    // reported as needing a restart.
+    let next = good
+        .replace("greeting = \"Hi\"", "greeting = \"Welcome back\"")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    std::fs::write(&install.config, next).unwrap();
+    hup();
+    let ok = logged(&server, "config reloaded");
+    assert_eq!(ok["applied"], "[\"agent\"]", "{ok}");
+    let restart = logged(&server, "these changes take effect after a restart");
+    assert_eq!(restart["sections"], "[\"server\"]", "{restart}");
+
+    let id = create(&http, &server, &key, to).await;
+    let events =
+        crate::e2e::follow_with(&http, &server.url(""), &key, &id, Duration::from_secs(15)).await;
+    assert_eq!(statuses(&events).last().unwrap(), "completed", "{events:?}");
+    let t: Value = http
+        .get(server.url(&format!("/api/v1/calls/{id}/transcript")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["entries"][0]["text"], "Welcome back", "{t}");
+}
