@@ -491,3 +491,28 @@ async fn ultravox_join_url_that_is_not_a_websocket_fails_the_call() {
         assert!(rec.streams.is_empty(), "no media stream was opened");
     }
 }
+
+#[tokio::test]
+async fn a_stream_that_stops_sending_audio_is_ended() {
+    let rt = FakeRealtime::start(RealtimeOpts::default()).await;
+    let s = realtime_stack(&rt, |_| {}).await;
+    let started = std::time::Instant::now();
+    let (id, ev) = run_call(
+        &s,
+        "+14155550603",
+        answer(vec![Step::Silence(500), Step::StopMedia]),
+        25,
+    )
+    .await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed", "{ev:?}");
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "no_media", "{call}");
+    // The watchdog fires 10 s after the last frame, not at some later sweep.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(18), "{took:?}");
+    rt.wait_until("no open sessions", Duration::from_secs(5), |st| {
+        (st.open == 0).then_some(())
+    })
+    .await;
+    assert_eq!(s.manager.live.len(), 0);
+}

@@ -27,6 +27,9 @@ pub enum Step {
     Dtmf(char),
     /// Hang up: the simulator sends `stop`, closes the socket and completes the call.
     Hangup,
+    /// Stop sending media frames for good while keeping the socket open (a stalled media
+    /// path): what the app's no-media watchdog is for.
+    StopMedia,
 }
 
 /// What the caller does once the media stream is up. When the steps run out without a
@@ -126,6 +129,7 @@ enum Op {
     WaitSpeech(u64),
     Dtmf(char),
     Hangup,
+    StopMedia,
 }
 
 pub(crate) struct Runner {
@@ -138,6 +142,8 @@ pub(crate) struct Runner {
     last_speech_end_ms: u64,
     max_wait_ms: u64,
     done: bool,
+    /// Set by `Step::StopMedia`: no more media frames are sent.
+    pub media_stopped: bool,
 }
 
 impl Runner {
@@ -156,6 +162,7 @@ impl Runner {
                 }
                 Step::Dtmf(c) => ops.push(Op::Dtmf(*c)),
                 Step::Hangup => ops.push(Op::Hangup),
+                Step::StopMedia => ops.push(Op::StopMedia),
             }
         }
         Self {
@@ -168,6 +175,7 @@ impl Runner {
             last_speech_end_ms: 0,
             max_wait_ms: script.max_wait_ms,
             done: false,
+            media_stopped: false,
         }
     }
 
@@ -263,6 +271,11 @@ impl Runner {
                 Op::Dtmf(c) => {
                     emits.push(Emit::Dtmf(*c));
                     self.next_op();
+                }
+                Op::StopMedia => {
+                    self.media_stopped = true;
+                    self.done = true;
+                    return self.silence(now_ms, out, emits);
                 }
                 Op::Hangup => {
                     if self.speaking {

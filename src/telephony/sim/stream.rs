@@ -534,7 +534,7 @@ impl Session {
             }));
         self.digits.extend(lock(&ctx.cell.dtmf).drain(..));
 
-        if !hangup {
+        if !hangup && !ctx.runner.media_stopped {
             self.write_media(now_ms);
             let m = self.take_json();
             tx.feed(m).await?;
