@@ -796,7 +796,7 @@ impl CallManager {
             )
             .await;
         }
-        if EngineKind::parse(&call.engine) == Some(EngineKind::Ultravox) {
+        if self.straight_to_ultravox(&call.engine) {
             return self.ultravox_twiml(id).await;
         }
         match self.stream_twiml(call.id.as_str()).await {
@@ -811,6 +811,12 @@ impl CallManager {
         }
     }
 
+    /// Ultravox with its Twilio medium: Twilio streams to Ultravox, not through a bridge here.
+    fn straight_to_ultravox(&self, engine: &str) -> bool {
+        EngineKind::parse(engine) == Some(EngineKind::Ultravox)
+            && self.config().ultravox.medium == crate::config::UltravoxMedium::Twilio
+    }
+
     /// Ultravox's Twilio medium: create the Ultravox call and connect Twilio's stream
     /// straight to its `joinUrl`. On failure the caller hears an apology, not dead air.
     async fn ultravox_twiml(&self, id: &str) -> String {
@@ -822,9 +828,7 @@ impl CallManager {
             }
         };
         let config = self.config();
-        let voice = (setup.ctx.voice != config.agent.voice)
-            .then_some(setup.ctx.voice.as_str())
-            .or(Some(config.ultravox.voice.as_str()));
+        let voice = crate::engines::ultravox::voice_for(&setup.ctx.voice, &config);
         let req = crate::engines::ultravox::NewCall {
             system_prompt: &setup.ctx.system_prompt,
             voice,
@@ -832,6 +836,7 @@ impl CallManager {
             max_duration: setup.max_duration,
             call_id: id,
             tenant: &setup.ctx.tenant,
+            medium: crate::engines::ultravox::Medium::Twilio,
         };
         match self.ultravox.create_call(&req).await {
             Ok(created) => {
@@ -1078,7 +1083,10 @@ impl CallManager {
                     .run(move |c| calls::get(c, Scope::All, &gid))
                     .await
                     .map(|c| c.engine);
-                if matches!(engine.as_deref(), Ok("ultravox")) {
+                if engine
+                    .as_deref()
+                    .is_ok_and(|e| self.straight_to_ultravox(e))
+                {
                     if !self.breakers.admit(EngineKind::Ultravox) {
                         self.apply(
                             &id,

@@ -273,6 +273,18 @@ pub struct UltravoxConfig {
     /// Ultravox voice (its own names, e.g. "Mark"); "" uses Ultravox's default. A tenant's
     /// or call's `voice` overrides it.
     pub voice: String,
+    /// `twilio`: Twilio streams straight to Ultravox. `server-websocket`: the audio passes
+    /// through voicectl (governors, barge-in, live transcript, latency figures apply).
+    pub medium: UltravoxMedium,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum UltravoxMedium {
+    #[default]
+    #[serde(rename = "twilio")]
+    Twilio,
+    #[serde(rename = "server-websocket")]
+    ServerWebSocket,
 }
 
 impl Default for UltravoxConfig {
@@ -283,6 +295,7 @@ impl Default for UltravoxConfig {
             api_base_url: "https://api.ultravox.ai".into(),
             model: String::new(),
             voice: String::new(),
+            medium: UltravoxMedium::Twilio,
         }
     }
 }

@@ -6,10 +6,11 @@ pub mod breaker;
 pub mod openai;
 pub mod scripted;
 pub mod ultravox;
+pub mod ultravox_ws;
 
 use serde::Serialize;
 
-use crate::config::{Config, EngineKind};
+use crate::config::{Config, EngineKind, UltravoxMedium};
 use crate::ids::CallId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -75,6 +76,7 @@ pub enum EngineError {
 pub enum Engine {
     Scripted(Box<scripted::ScriptedEngine>),
     OpenAi(Box<openai::RealtimeEngine>),
+    UltravoxWs(Box<ultravox_ws::UltravoxWsEngine>),
 }
 
 impl Engine {
@@ -93,6 +95,11 @@ impl Engine {
                 openai::RealtimeEngine::connect(&cfg.openai, &ctx).await?,
             ))),
             // Ultravox's Twilio medium connects Twilio straight to Ultravox: no bridge.
+            EngineKind::Ultravox if cfg.ultravox.medium == UltravoxMedium::ServerWebSocket => {
+                Ok(Engine::UltravoxWs(Box::new(
+                    ultravox_ws::UltravoxWsEngine::connect(cfg, &ctx).await?,
+                )))
+            }
             other => Err(EngineError::Unavailable(other)),
         }
     }
@@ -105,6 +112,7 @@ impl Engine {
                 Ok(())
             }
             Engine::OpenAi(e) => e.stream_started().await,
+            Engine::UltravoxWs(e) => e.stream_started().await,
         }
     }
 
@@ -116,6 +124,7 @@ impl Engine {
                 Ok(())
             }
             Engine::OpenAi(e) => e.caller_audio(payload_b64).await,
+            Engine::UltravoxWs(e) => e.caller_audio(payload_b64).await,
         }
     }
 
@@ -127,6 +136,10 @@ impl Engine {
                 Ok(())
             }
             Engine::OpenAi(e) => e.interrupted(item, played_ms).await,
+            Engine::UltravoxWs(e) => {
+                e.interrupted(item, played_ms);
+                Ok(())
+            }
         }
     }
 
@@ -138,6 +151,7 @@ impl Engine {
                 Ok(())
             }
             Engine::OpenAi(e) => e.say(text).await,
+            Engine::UltravoxWs(e) => e.say(text).await,
         }
     }
 
@@ -147,6 +161,7 @@ impl Engine {
         match self {
             Engine::Scripted(e) => Ok(e.next_event().await),
             Engine::OpenAi(e) => e.next_event().await,
+            Engine::UltravoxWs(e) => e.next_event().await,
         }
     }
 
@@ -154,6 +169,7 @@ impl Engine {
         match self {
             Engine::Scripted(_) => {}
             Engine::OpenAi(e) => e.close().await,
+            Engine::UltravoxWs(e) => e.close().await,
         }
     }
 }

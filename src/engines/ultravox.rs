@@ -24,6 +24,15 @@ pub enum UltravoxError {
     Protocol(String),
 }
 
+/// How the call's audio reaches Ultravox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Medium {
+    /// Twilio streams straight to the `joinUrl`.
+    Twilio,
+    /// We join the `joinUrl` and relay PCM s16le at 8 kHz both ways.
+    ServerWebSocket,
+}
+
 pub struct NewCall<'a> {
     pub system_prompt: &'a str,
     pub voice: Option<&'a str>,
@@ -32,6 +41,7 @@ pub struct NewCall<'a> {
     pub max_duration: Duration,
     pub call_id: &'a str,
     pub tenant: &'a str,
+    pub medium: Medium,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +88,14 @@ struct Message {
 struct Timespan {
     #[serde(default)]
     start: Option<String>,
+}
+
+/// The Ultravox voice for a call: the call's or tenant's own choice when it differs from
+/// the OpenAI-flavoured `agent.voice` default, else `ultravox.voice` ("" = Ultravox's default).
+pub fn voice_for<'a>(ctx_voice: &'a str, cfg: &'a crate::config::Config) -> Option<&'a str> {
+    (ctx_voice != cfg.agent.voice)
+        .then_some(ctx_voice)
+        .or(Some(cfg.ultravox.voice.as_str()))
 }
 
 /// Protobuf duration strings such as `"1.2s"` → milliseconds.
@@ -129,7 +147,15 @@ impl UltravoxClient {
     pub async fn create_call(&self, c: &NewCall<'_>) -> Result<CreatedCall, UltravoxError> {
         let mut body = json!({
             "systemPrompt": c.system_prompt,
-            "medium": {"twilio": {}},
+            "medium": match c.medium {
+                Medium::Twilio => json!({"twilio": {}}),
+                // A large client buffer: we play at the phone's pace and clear on barge-in.
+                Medium::ServerWebSocket => json!({"serverWebSocket": {
+                    "inputSampleRate": 8000,
+                    "outputSampleRate": 8000,
+                    "clientBufferSizeMs": 30000,
+                }}),
+            },
             "firstSpeakerSettings": match c.greeting {
                 Some(text) => json!({"agent": {"text": text}}),
                 None => json!({"user": {}}),

@@ -516,3 +516,136 @@ async fn a_stream_that_stops_sending_audio_is_ended() {
     .await;
     assert_eq!(s.manager.live.len(), 0);
 }
+
+/// The serverWebSocket medium: the audio runs through our bridge, transcoded μ-law ⇄ PCM at
+/// the edge, with the greeting sent when the phone stream starts and a live transcript.
+#[tokio::test]
+async fn ultravox_server_websocket_runs_through_the_bridge() {
+    let uv = FakeUltravox::start(UltravoxOpts {
+        hangup_after_turns: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let base = uv.base_url();
+    let key = uv.opts().api_key.clone();
+    let s = stack(Opts {
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.agent.engine = EngineKind::Ultravox;
+            c.ultravox.api_base_url = base;
+            c.ultravox.api_key = Secret::new(key);
+            c.ultravox.medium = voicectl::config::UltravoxMedium::ServerWebSocket;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let (id, ev) = run_call(
+        &s,
+        "+14155550720",
+        answer(vec![
+            Step::WaitForAgentSilence { min_ms: 200 },
+            Step::Speak(500),
+            Step::WaitForAgentSilence { min_ms: 3000 },
+        ]),
+        20,
+    )
+    .await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed", "{ev:?}");
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "agent_hangup", "{call}");
+    let (create, uvc) = {
+        let st = uv.state();
+        (st.creates[0].clone(), st.calls[0].clone())
+    };
+    let body: serde_json::Value = serde_json::from_str(&create.body).unwrap();
+    assert_eq!(body["medium"]["serverWebSocket"]["inputSampleRate"], 8000);
+    assert_eq!(body["medium"]["serverWebSocket"]["outputSampleRate"], 8000);
+    assert!(uvc.violations.is_empty(), "{:?}", uvc.violations);
+    assert!(
+        uvc.data_in
+            .iter()
+            .any(|m| m["type"] == "forced_agent_message" && m["content"] == "Hi"),
+        "greeting sent at stream start: {:?}",
+        uvc.data_in
+    );
+    let rec = sim_record(&s, &id).await;
+    let stream = rec.stream().unwrap();
+    // Agent audio: the phone got exactly Ultravox's PCM, μ-law encoded.
+    let want: Vec<u8> = uvc
+        .agent_audio()
+        .chunks_exact(2)
+        .map(|p| voicectl::media::mulaw::encode(i16::from_le_bytes([p[0], p[1]])))
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(stream.agent_audio, want, "agent audio altered");
+    // Caller audio: what the phone sent, decoded to PCM (the tail may be in flight).
+    let got: Vec<u8> = stream
+        .caller_audio
+        .iter()
+        .flat_map(|&b| voicectl::media::mulaw::decode(b).to_le_bytes())
+        .collect();
+    let n = uvc.caller_audio.len();
+    assert!(n > 0 && n <= got.len(), "{n} of {}", got.len());
+    assert_eq!(uvc.caller_audio[..], got[..n], "caller audio altered");
+    // Transcript lines of both sides arrived live, in order.
+    let t = s.transcript(&id).await;
+    let speakers: Vec<_> = t.iter().map(|e| e["speaker"].as_str().unwrap()).collect();
+    assert_eq!(speakers.first(), Some(&"agent"), "{t:?}");
+    assert!(speakers.contains(&"caller"), "{t:?}");
+    assert!(
+        call["latency"]["greeting_ms"].as_f64().is_some(),
+        "latency measured through the bridge: {call}"
+    );
+    assert_eq!(s.manager.live.len(), 0);
+}
+
+#[tokio::test]
+async fn ultravox_server_websocket_barge_in_clears_the_phone() {
+    let uv = FakeUltravox::start(UltravoxOpts {
+        greeting_ms: 3000,
+        hangup_after_turns: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let base = uv.base_url();
+    let key = uv.opts().api_key.clone();
+    let s = stack(Opts {
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.agent.engine = EngineKind::Ultravox;
+            c.ultravox.api_base_url = base;
+            c.ultravox.api_key = Secret::new(key);
+            c.ultravox.medium = voicectl::config::UltravoxMedium::ServerWebSocket;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let (id, ev) = run_call(
+        &s,
+        "+14155550721",
+        answer(vec![
+            Step::SpeakWhileAgentTalks {
+                after_ms: 600,
+                speak_ms: 700,
+            },
+            Step::WaitForAgentSilence { min_ms: 3000 },
+        ]),
+        20,
+    )
+    .await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed", "{ev:?}");
+    assert_eq!(uv.state().calls[0].barge_ins, 1);
+    let rec = sim_record(&s, &id).await;
+    let stream = rec.stream().unwrap();
+    assert_eq!(stream.clears.len(), 1, "Twilio was told to clear");
+    // The greeting was cut: the phone had played well under its 3 s (24 000 bytes).
+    assert!(
+        stream.clears[0].played_bytes < 16_000,
+        "{:?}",
+        stream.clears[0]
+    );
+    let call = s.get(&id).await;
+    assert_eq!(
+        call["latency"]["barge_in_ms"].as_array().unwrap().len(),
+        1,
+        "{call}"
+    );
+}
