@@ -172,6 +172,11 @@ impl CallManager {
         &self.wind_down
     }
 
+    /// Calls whose media runs through a bridge in this process now.
+    pub fn bridged_count(&self) -> usize {
+        self.bridged_lock().len()
+    }
+
     fn bridged_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         // Set operations only; poison cannot leave it inconsistent.
         self.bridged.lock().unwrap_or_else(|p| p.into_inner())

@@ -752,3 +752,42 @@ async fn caller_hanging_up_mid_sentence_ends_cleanly() {
     );
     assert_eq!(s.manager.live.len(), 0);
 }
+
+/// A signed socket that sends `connected` and then nothing: closed with 1008 once the start
+/// timeout (10 s) passes, and nothing is left behind.
+#[tokio::test]
+async fn media_socket_that_never_sends_start_is_closed() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let s = stack(Opts::default()).await;
+    let ws_url = format!("{}/twilio/media", s.base.replace("http://", "ws://"));
+    let sig = s.sim.sign(
+        &format!("{}/twilio/media", PUBLIC.replace("https://", "wss://")),
+        &[],
+    );
+    let mut req = ws_url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-twilio-signature", sig.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text(
+        json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .expect("closed within the start timeout")
+        {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.unwrap().code), 1008);
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    assert_eq!(s.manager.live.len(), 0);
+    assert_eq!(s.manager.bridged_count(), 0);
+}
