@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::e2e::{Opts, Stack, stack, statuses};
 use crate::fakes::realtime::{ErrorOn, Failure, FakeRealtime, Mode, RealtimeOpts};
 use crate::fakes::ultravox::{CreateFailure, FakeUltravox, JoinUrl, UltravoxOpts};
-use voicectl::config::{EngineKind, HumanDuration, Secret};
+use voicectl::config::{EngineKind, HumanDuration, Secret, UltravoxMedium};
 use voicectl::telephony::sim::{CallerScript, Scenario, Step};
 
 async fn realtime_stack(rt: &FakeRealtime, tweak: fn(&mut voicectl::config::Config)) -> Stack {
@@ -19,6 +19,24 @@ async fn realtime_stack(rt: &FakeRealtime, tweak: fn(&mut voicectl::config::Conf
             c.openai.api_key = Secret::new(key);
             c.openai.beta_protocol = beta;
             tweak(c);
+        }),
+        ..Default::default()
+    })
+    .await
+}
+
+/// A stack whose default engine is the fake Ultravox, over `medium`.
+async fn ultravox_stack(uv: &FakeUltravox, medium: UltravoxMedium, voice: &str) -> Stack {
+    let base = uv.base_url();
+    let key = uv.opts().api_key.clone();
+    let voice = voice.to_owned();
+    stack(Opts {
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.agent.engine = EngineKind::Ultravox;
+            c.ultravox.api_base_url = base;
+            c.ultravox.api_key = Secret::new(key);
+            c.ultravox.voice = voice;
+            c.ultravox.medium = medium;
         }),
         ..Default::default()
     })
@@ -354,18 +372,7 @@ async fn ultravox_calls_connect_twilio_to_join_url_and_keep_the_transcript() {
         ..Default::default()
     })
     .await;
-    let base = uv.base_url();
-    let key = uv.opts().api_key.clone();
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = EngineKind::Ultravox;
-            c.ultravox.api_base_url = base;
-            c.ultravox.api_key = Secret::new(key);
-            c.ultravox.voice = "Mark".into();
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = ultravox_stack(&uv, UltravoxMedium::Twilio, "Mark").await;
     let (id, ev) = run_call(
         &s,
         "+14155550701",
@@ -417,17 +424,7 @@ async fn ultravox_errors_fail_the_call_with_an_apology() {
         ..Default::default()
     })
     .await;
-    let base = uv.base_url();
-    let key = uv.opts().api_key.clone();
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = EngineKind::Ultravox;
-            c.ultravox.api_base_url = base;
-            c.ultravox.api_key = Secret::new(key);
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = ultravox_stack(&uv, UltravoxMedium::Twilio, "").await;
     // 429 with Retry-After: 1 is waited out and retried; the retry gets the 400.
     let (id, ev) = run_call(&s, "+14155550702", answer(vec![Step::Silence(500)]), 15).await;
     assert_eq!(statuses(&ev).last().unwrap(), "failed");
@@ -460,17 +457,7 @@ async fn ultravox_join_url_that_is_not_a_websocket_fails_the_call() {
             ..Default::default()
         })
         .await;
-        let base = uv.base_url();
-        let key = uv.opts().api_key.clone();
-        let s = stack(Opts {
-            tweak: Box::new(move |c: &mut voicectl::config::Config| {
-                c.agent.engine = EngineKind::Ultravox;
-                c.ultravox.api_base_url = base;
-                c.ultravox.api_key = Secret::new(key);
-            }),
-            ..Default::default()
-        })
-        .await;
+        let s = ultravox_stack(&uv, UltravoxMedium::Twilio, "").await;
         let to = format!("+1415555071{i}");
         let (id, ev) = run_call(&s, &to, answer(vec![Step::Silence(500)]), 15).await;
         assert_eq!(statuses(&ev).last().unwrap(), "failed", "{join_url:?}");
@@ -526,18 +513,7 @@ async fn ultravox_server_websocket_runs_through_the_bridge() {
         ..Default::default()
     })
     .await;
-    let base = uv.base_url();
-    let key = uv.opts().api_key.clone();
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = EngineKind::Ultravox;
-            c.ultravox.api_base_url = base;
-            c.ultravox.api_key = Secret::new(key);
-            c.ultravox.medium = voicectl::config::UltravoxMedium::ServerWebSocket;
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = ultravox_stack(&uv, UltravoxMedium::ServerWebSocket, "").await;
     let (id, ev) = run_call(
         &s,
         "+14155550720",
@@ -606,18 +582,7 @@ async fn ultravox_server_websocket_barge_in_clears_the_phone() {
         ..Default::default()
     })
     .await;
-    let base = uv.base_url();
-    let key = uv.opts().api_key.clone();
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = EngineKind::Ultravox;
-            c.ultravox.api_base_url = base;
-            c.ultravox.api_key = Secret::new(key);
-            c.ultravox.medium = voicectl::config::UltravoxMedium::ServerWebSocket;
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = ultravox_stack(&uv, UltravoxMedium::ServerWebSocket, "").await;
     let (id, ev) = run_call(
         &s,
         "+14155550721",

@@ -57,7 +57,11 @@ async fn create(http: &reqwest::Client, server: &Server, key: &str, to: &str) ->
 }
 
 async fn get(http: &reqwest::Client, server: &Server, key: &str, id: &str) -> Value {
-    http.get(server.url(&format!("/api/v1/calls/{id}")))
+    get_path(http, server, key, &format!("/api/v1/calls/{id}")).await
+}
+
+async fn get_path(http: &reqwest::Client, server: &Server, key: &str, path: &str) -> Value {
+    http.get(server.url(path))
         .bearer_auth(key)
         .send()
         .await
@@ -236,14 +240,12 @@ async fn sighup_reloads_the_config_and_a_bad_file_changes_nothing() {
     let events =
         crate::e2e::follow_with(&http, &server.url(""), &key, &id, Duration::from_secs(15)).await;
     assert_eq!(statuses(&events).last().unwrap(), "completed", "{events:?}");
-    let t: Value = http
-        .get(server.url(&format!("/api/v1/calls/{id}/transcript")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t = get_path(
+        &http,
+        &server,
+        &key,
+        &format!("/api/v1/calls/{id}/transcript"),
+    )
+    .await;
     assert_eq!(t["entries"][0]["text"], "Welcome back", "{t}");
 }
