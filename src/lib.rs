@@ -13,6 +13,7 @@ pub mod ids;
 pub mod media;
 pub mod ops;
 pub mod phone;
+pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod telephony;

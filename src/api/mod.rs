@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -37,6 +37,7 @@ pub struct Inner {
     draining: AtomicBool,
     calls: Arc<CallManager>,
     ops: crate::ops::Ops,
+    proxy: Arc<crate::proxy::Proxy>,
 }
 
 impl AppState {
@@ -51,12 +52,14 @@ impl AppState {
 
     pub fn with_manager(store: Store, config: Arc<Config>, calls: Arc<CallManager>) -> Self {
         let ops = crate::ops::Ops::with_metrics(&config, calls.metrics.clone());
+        let proxy = Arc::new(crate::proxy::Proxy::from_config(&config));
         Self(Arc::new(Inner {
             store,
             started: Instant::now(),
             draining: AtomicBool::new(false),
             calls,
             ops,
+            proxy,
         }))
     }
 
@@ -67,6 +70,11 @@ impl AppState {
     /// Metrics, rate limiters and guards.
     pub fn ops(&self) -> &crate::ops::Ops {
         &self.0.ops
+    }
+
+    /// The `[[proxy]]` routes; `reload` swaps its table (SIGHUP).
+    pub fn proxy(&self) -> &Arc<crate::proxy::Proxy> {
+        &self.0.proxy
     }
 
     pub fn store(&self) -> &Store {
@@ -100,16 +108,28 @@ pub fn app(state: AppState) -> Router {
         .merge(calls::routes())
         .merge(crate::ops::status::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
-    Router::new()
+    // Our own routes. `/api/v1/*` and `/twilio/*` are reserved as a whole (their 404s are
+    // ours), the rest are exact paths. `route_layer` keeps the small body limit and the error
+    // reshaping on these routes only: proxied bodies stream at any size, and an upstream's
+    // own 404/500 pages pass through untouched.
+    let own = Router::new()
         .nest("/api/v1", api)
-        .nest("/twilio", twilio::routes())
+        .nest(
+            "/twilio",
+            twilio::routes()
+                .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) }),
+        )
         .merge(health::routes())
         .merge(crate::ops::http::routes())
-        .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) })
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(RequestBodyLimitLayer::new(max_body))
+        .route_layer(DefaultBodyLimit::max(max_body))
+        .route_layer(RequestBodyLimitLayer::new(max_body))
         // Outside the body limit, so its bare 413 is reshaped too.
-        .layer(middleware::map_response(error::shape_errors))
+        .route_layer(middleware::map_response(error::shape_errors));
+    own
+        // Everything else: `[[proxy]]` routes, or the SPEC 404 when none matches.
+        .fallback(|State(state): State<AppState>, req: Request| async move {
+            state.proxy().handle(req).await
+        })
         // Rate limits before any handler work; metrics see the final (shaped) status.
         .layer(middleware::from_fn_with_state(
             state.clone(),

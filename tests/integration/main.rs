@@ -9,5 +9,6 @@ mod fakes;
 mod fakes_selftest;
 mod lifecycle;
 mod ops;
+mod proxy;
 mod serve;
 mod support;
