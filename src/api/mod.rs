@@ -8,8 +8,8 @@ mod health;
 mod tenants;
 mod twilio;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -38,6 +38,8 @@ pub struct Inner {
     draining: AtomicBool,
     calls: Arc<CallManager>,
     ops: crate::ops::Ops,
+    /// Set by `serve` when TLS is on: readiness and `/api/v1/tls/*` consult it.
+    tls: OnceLock<crate::tls::Tls>,
 }
 
 impl AppState {
@@ -59,7 +61,17 @@ impl AppState {
             draining: AtomicBool::new(false),
             calls,
             ops,
+            tls: OnceLock::new(),
         }))
+    }
+
+    /// Attaches the TLS handle (once; later calls are ignored).
+    pub fn set_tls(&self, tls: crate::tls::Tls) {
+        let _ = self.0.tls.set(tls);
+    }
+
+    pub fn tls(&self) -> Option<&crate::tls::Tls> {
+        self.0.tls.get()
     }
 
     pub fn calls(&self) -> &Arc<CallManager> {
@@ -99,6 +111,7 @@ pub fn app(state: AppState) -> Router {
         .merge(tenants::routes())
         .merge(calls::routes())
         .merge(crate::ops::status::routes())
+        .merge(crate::tls::api::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     Router::new()
         .nest("/api/v1", api)
