@@ -11,3 +11,4 @@ mod lifecycle;
 mod ops;
 mod serve;
 mod support;
+mod tls;
