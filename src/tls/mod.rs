@@ -564,18 +564,23 @@ pub fn offline_status(config: &Config) -> Result<TlsStatus, TlsError> {
         return Err(TlsError::Off);
     }
     let storage = TlsStorage::new(&config.server.data_dir, &config.tls.acme_directory);
+    let mode = if config.tls.mode == TlsMode::Acme {
+        "acme"
+    } else {
+        "manual"
+    };
+    let directory = (config.tls.mode == TlsMode::Acme).then(|| config.tls.acme_directory.clone());
+    // The file describes the config the server last ran with; after a switch (manual to
+    // ACME, staging to production) it is stale and the certificate on disk speaks instead.
     if let Ok(text) = std::fs::read(storage.status_path())
         && let Ok(s) = serde_json::from_slice::<TlsStatus>(&text)
+        && s.mode == mode
+        && s.directory == directory
     {
         return Ok(s);
     }
     let mut s = TlsStatus {
-        mode: if config.tls.mode == TlsMode::Acme {
-            "acme"
-        } else {
-            "manual"
-        }
-        .into(),
+        mode: mode.into(),
         domains: std::iter::once(config.server.domain.clone())
             .chain(config.server.extra_domains.iter().cloned())
             .collect(),

@@ -753,7 +753,10 @@ async fn manual_certificates_reload_on_sighup_and_a_bad_file_keeps_the_old_one()
     let cfg = std::fs::read_to_string(&i.config).unwrap();
     std::fs::write(
         &i.config,
-        format!("{cfg}mode = \"manual\"\ncert_file = {cert_path:?}\nkey_file = {key_path:?}\n"),
+        format!(
+            "{cfg}mode = \"manual\"\ncert_file = {cert_path:?}\nkey_file = {key_path:?}\n\n\
+             [twilio]\nauth_token = \"tok\"\n"
+        ),
     )
     .unwrap();
     let server = tokio::task::block_in_place(|| Server::start(&i));
@@ -761,6 +764,24 @@ async fn manual_certificates_reload_on_sighup_and_a_bad_file_keeps_the_old_one()
     assert_eq!(first.status, 200);
     let (code, _) = get(&server.url("/health/ready")).await;
     assert_eq!(code, 200);
+
+    // The media stream's WebSocket upgrade works over TLS (wss://), signed like Twilio does.
+    let sig = voicectl::telephony::twilio::signature::compute(
+        "tok",
+        "wss://voice.test/twilio/media",
+        &[],
+    );
+    let (mut s, _) = raw_tls(https_port, Some("voice.test")).await.unwrap();
+    let req = format!(
+        "GET /twilio/media HTTP/1.1\r\nHost: voice.test\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Twilio-Signature: {sig}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101", "{}", String::from_utf8_lossy(&head));
+    drop(s);
 
     // A new pair, then SIGHUP: served from the next handshake on.
     let (c2, k2) = ca.leaf(&["voice.test"]);
