@@ -134,6 +134,7 @@ fn renew(ctx: &Ctx, cfg: &Config, args: &RenewArgs) -> anyhow::Result<ExitCode> 
 /// No server running: hold the data-dir lock (so none starts meanwhile), answer the
 /// challenge on the configured listener, issue, store. The next `serve` picks it up.
 async fn renew_offline(cfg: &Config, force: bool) -> anyhow::Result<RenewOutcome> {
+    crate::store::ensure_private_dir(&cfg.server.data_dir)?;
     let _lock = crate::store::lock_data_dir(&cfg.server.data_dir)?;
     let tls = tls::Tls::new(cfg, None)?;
     let stop = tokio_util::sync::CancellationToken::new();

@@ -850,3 +850,39 @@ fn cert_status_works_without_a_server() {
     let out = i.ok(&["cert", "status"]);
     assert!(out.contains("voice.test"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_renew_without_a_server_issues_directly_and_serve_picks_it_up() {
+    if !pebble_available("cert_renew_without_a_server_…") {
+        return;
+    }
+    let (http_port, https_port) = (free_port(), free_port());
+    let pebble = Pebble::start(PebbleOpts {
+        http_port,
+        tls_port: https_port,
+        ..Default::default()
+    });
+    let i = install(http_port, https_port, "", &acme_tls(&pebble, "http-01"));
+    // The CLI answers HTTP-01 on http_listen itself.
+    let v = tokio::task::block_in_place(|| i.json(&["cert", "renew"]));
+    assert_eq!(v["renewed"], true, "{v}");
+    let serial = v["status"]["certificate"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let st = cert_status(&i);
+    assert_eq!(st["certificate"]["serial"], serial.as_str());
+    // The next start serves the stored certificate at once, without a new order.
+    let server = tokio::task::block_in_place(|| Server::start(&i));
+    let root = pebble.root_pem().await;
+    let p = probe(https_port, "voice.test", &root).await.unwrap();
+    assert_eq!(p.cert.serial, serial);
+    assert!(
+        !server
+            .startup
+            .iter()
+            .any(|l| l.contains("requesting a certificate")),
+        "{:#?}",
+        server.startup
+    );
+}
