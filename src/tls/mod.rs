@@ -287,10 +287,11 @@ impl Tls {
         };
         match load_manual(c, k) {
             Ok(loaded) => {
-                tracing::info!(names = ?loaded.info.names, serial = %loaded.info.serial,
-                    not_after = loaded.info.not_after, "reloaded manual certificate");
                 let info = loaded.info.clone();
+                // Installed before it is logged: whoever reads the log may rely on it.
                 self.0.resolver.install(loaded, false);
+                tracing::info!(names = ?info.names, serial = %info.serial,
+                    not_after = info.not_after, "reloaded manual certificate");
                 {
                     let mut s = lock(&self.0.status);
                     s.last_error = None;
