@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::calls::manager::CallManager;
 use crate::config::{Config, TlsMode};
+use crate::edge;
 use crate::ops;
 use crate::store::{self, Store, keys, tenants};
 use tokio_util::sync::CancellationToken;
@@ -74,14 +75,8 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     ops::sdnotify::notify_status("starting");
     let data_dir = config.server.data_dir.clone();
-    if config.tls.mode != TlsMode::Off {
-        bail!(
-            "tls.mode = {:?} is not available in this build yet; set tls.mode = \"off\" and \
-             server.listen (plain HTTP, e.g. behind a TLS-terminating load balancer)",
-            config.tls.mode
-        );
-    }
-    if config.server.listen.is_empty() {
+    let tls_on = config.tls.mode != TlsMode::Off;
+    if !tls_on && config.server.listen.is_empty() {
         bail!(
             "server.listen is empty: with tls.mode = \"off\" the plain-HTTP listener is required"
         );
@@ -98,10 +93,21 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         ensure_demo_tenant(&store)?;
     }
 
-    let listener = TcpListener::bind(&config.server.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
-    let addr = listener.local_addr()?;
+    // Every listener is bound before anything runs: a port in use stops startup here.
+    let plain = bind(&config.server.listen, "server.listen").await?;
+    let (https, http) = if tls_on {
+        let https = bind(&config.server.https_listen, "server.https_listen").await?;
+        let http = bind(&config.server.http_listen, "server.http_listen").await?;
+        (https, http)
+    } else {
+        (None, None)
+    };
+    let plain_addr = plain.as_ref().map(TcpListener::local_addr).transpose()?;
+    let https_addr = https.as_ref().map(TcpListener::local_addr).transpose()?;
+    let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
+    let Some(addr) = plain_addr.or(https_addr) else {
+        bail!("no listener configured (server.listen or server.https_listen)");
+    };
     if config.tls.mode == TlsMode::Off && config.server.public_url.is_empty() {
         // With an ephemeral port (`listen = "127.0.0.1:0"`) only now is the URL known.
         config.server.public_url = format!("http://{addr}");
@@ -128,7 +134,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let runtime = RuntimeInfo {
         pid: std::process::id(),
-        listen: Some(addr),
+        listen: plain_addr,
         version: env!("CARGO_PKG_VERSION").into(),
     };
     store::write_private_file(
@@ -143,14 +149,63 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         .await
         .context("closing calls interrupted by the last stop")?;
     manager.spawn_workers();
-    let _reloader = ops::reload::spawn(lifecycle.reloads(), manager.clone());
+    // TLS: the stored certificate (or a self-signed stand-in) is served from the first
+    // handshake; issuance runs in the background once the listeners are up.
+    let tls = if tls_on {
+        Some(
+            crate::tls::Tls::new(&config, Some(manager.metrics.clone()))
+                .context("setting up TLS")?,
+        )
+    } else {
+        None
+    };
     let state = AppState::with_manager(store, config.clone(), manager);
+    let _reloader = ops::reload::spawn(lifecycle.reloads(), state.clone());
+    if let Some(t) = &tls {
+        state.set_tls(t.clone());
+    }
     let app = api::app(state.clone());
-    tracing::info!(%addr, public_url = %config.public_url(), version = env!("CARGO_PKG_VERSION"), "listening");
+
+    let stop_listeners = CancellationToken::new();
+    let mut listeners = Vec::new();
+    if let Some(l) = plain {
+        listeners.push(edge::spawn_plain(l, app.clone(), stop_listeners.clone()));
+    }
+    if let (Some(tls), Some(l)) = (&tls, https) {
+        let tls_config = edge::server_config(tls).context("building the TLS configuration")?;
+        listeners.push(edge::spawn_https(
+            l,
+            app.clone(),
+            tls_config,
+            stop_listeners.clone(),
+        ));
+        if let Some(h) = http {
+            let base = edge::redirect_base(&config, https_addr.map(|a| a.port()));
+            listeners.push(edge::spawn_http(
+                h,
+                tls.clone(),
+                base,
+                stop_listeners.clone(),
+            ));
+        }
+        tls.spawn(&lifecycle, lifecycle.stop_token());
+        // READY waits for the certificate to settle (a valid one, or the first issuance
+        // attempt over either way), but not forever: a CA that is down must not keep the
+        // listeners, and with them HTTP-01, from being announced.
+        let _ = lifecycle
+            .unless_stopped(tokio::time::timeout(FIRST_CERT_WAIT, tls.settled()))
+            .await;
+    }
+    tracing::info!(%addr, https = ?https_addr, http = ?http_addr, public_url = %config.public_url(),
+        version = env!("CARGO_PKG_VERSION"), "listening");
 
     // READY=1 only after every listener (and, with TLS, the certificate) is up: keep this
     // after them. A stop requested during startup ends here, cleanly, without READY.
     if lifecycle.stop_requested() {
+        stop_listeners.cancel();
+        for l in listeners {
+            let _ = l.await;
+        }
         let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
         tracing::info!("stop requested during startup; exiting before ready");
         return Ok(());
@@ -158,26 +213,38 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     ops::sdnotify::ready(&format!("serving on {addr}; 0 live calls, 0 queued"));
     let _watchdog = ops::sdnotify::spawn_watchdog(state.store().clone());
 
-    let drain_state = state.clone();
     let drain_timeout = config.server.drain_timeout.0;
     let force = lifecycle.force_token();
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        lifecycle.stopped().await;
-        ops::sdnotify::stopping("draining");
-        // Readiness answers 503 from here on; no new calls are dialed.
-        drain_state.set_draining();
-        tracing::info!("shutdown requested; draining");
-        drain_state.calls().drain(drain_timeout, force).await;
-        tracing::info!("drained");
-    })
-    .await;
+    lifecycle.stopped().await;
+    ops::sdnotify::stopping("draining");
+    // Readiness answers 503 from here on; no new calls are dialed. The listeners keep
+    // accepting while live calls finish (their media streams are connections too).
+    state.set_draining();
+    tracing::info!("shutdown requested; draining");
+    state.calls().drain(drain_timeout, force).await;
+    tracing::info!("drained");
+    stop_listeners.cancel();
+    for l in listeners {
+        if let Err(e) = l.await {
+            tracing::warn!(error = %e, "a listener task failed");
+        }
+    }
     shutdown.cancel();
     let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
-    result.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long startup waits for the first certificate before announcing READY anyway.
+const FIRST_CERT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Binds `addr` (None when it is empty: that listener is off).
+async fn bind(addr: &str, key: &str) -> anyhow::Result<Option<TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({key})"))?;
+    Ok(Some(l))
 }

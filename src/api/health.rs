@@ -30,6 +30,15 @@ async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
             "database is not answering",
         ));
     }
+    if let Some(tls) = state.tls()
+        && !tls.has_valid_cert()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_certificate",
+            "no valid TLS certificate yet (serving a self-signed fallback); see `voicectl cert status`",
+        ));
+    }
     Ok(Json(json!({"status": "ready"})))
 }
 

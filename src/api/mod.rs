@@ -8,8 +8,8 @@ mod health;
 mod tenants;
 mod twilio;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -38,6 +38,8 @@ pub struct Inner {
     calls: Arc<CallManager>,
     ops: crate::ops::Ops,
     proxy: Arc<crate::proxy::Proxy>,
+    /// Set by `serve` when TLS is on: readiness and `/api/v1/tls/*` consult it.
+    tls: OnceLock<crate::tls::Tls>,
 }
 
 impl AppState {
@@ -60,7 +62,17 @@ impl AppState {
             calls,
             ops,
             proxy,
+            tls: OnceLock::new(),
         }))
+    }
+
+    /// Attaches the TLS handle (once; later calls are ignored).
+    pub fn set_tls(&self, tls: crate::tls::Tls) {
+        let _ = self.0.tls.set(tls);
+    }
+
+    pub fn tls(&self) -> Option<&crate::tls::Tls> {
+        self.0.tls.get()
     }
 
     pub fn calls(&self) -> &Arc<CallManager> {
@@ -107,6 +119,7 @@ pub fn app(state: AppState) -> Router {
         .merge(tenants::routes())
         .merge(calls::routes())
         .merge(crate::ops::status::routes())
+        .merge(crate::tls::api::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     // Our own routes. `/api/v1/*` and `/twilio/*` are reserved as a whole (their 404s are
     // ours), the rest are exact paths. `route_layer` keeps the small body limit and the error

@@ -2,6 +2,7 @@
 
 mod admin;
 mod calls;
+mod cert;
 mod client;
 mod doctor;
 pub mod init;
@@ -198,16 +199,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cert(_) => not_yet("cert"),
+        Command::Cert(cmd) => cert::run(&ctx, cmd),
         Command::Status => status::run(&ctx),
         Command::Doctor => doctor::run(&ctx),
     }
-}
-
-/// Commands whose capability has not landed yet say so and fail; they never pretend.
-pub(crate) fn not_yet(what: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("voicectl: `{what}` is not available in this version yet");
-    Ok(ExitCode::from(3))
 }
 
 pub fn install_crypto_provider() {

@@ -574,6 +574,24 @@ impl Config {
                     "required when tls.mode = \"acme\"".into(),
                 ));
             }
+            TlsMode::Acme
+                if self.tls.challenge == AcmeChallenge::Http01 && s.http_listen.is_empty() =>
+            {
+                return Err(bad(
+                    "server.http_listen",
+                    "tls.challenge = \"http-01\" is answered on http_listen (port 80 as seen \
+                     from the internet); set it, or use tls.challenge = \"tls-alpn-01\""
+                        .into(),
+                ));
+            }
+            TlsMode::Acme if !self.tls.acme_root_ca.is_empty() => {
+                if let Err(e) = std::fs::metadata(&self.tls.acme_root_ca) {
+                    return Err(bad(
+                        "tls.acme_root_ca",
+                        format!("cannot read {:?}: {e}", self.tls.acme_root_ca),
+                    ));
+                }
+            }
             _ => {}
         }
         for (key, url) in [

@@ -2,8 +2,8 @@
 //! touching live calls (each keeps the configuration snapshot it started with).
 //!
 //! Reloadable: `[agent]`, `[openai]`, `server.max_concurrent_calls`, `server.queue_timeout`,
-//! `limits.calls_per_minute_per_tenant` (and, through their own hooks, certificates and proxy
-//! routes). Everything else is bound to something built at startup (listeners, the data
+//! `limits.calls_per_minute_per_tenant` and the `[[proxy]]` routes (manual certificates are
+//! re-read by the TLS module on the same signal). Everything else is bound to something built at startup (listeners, the data
 //! directory, the Twilio and Ultravox clients, per-IP limiters), so a change there is reported
 //! as "needs a restart" and the running value is kept — the server never runs half of a config.
 
@@ -72,6 +72,9 @@ pub fn merge(old: &Config, new: Config) -> (Config, Outcome) {
         old.limits.calls_per_minute_per_tenant != new.limits.calls_per_minute_per_tenant,
         &mut |c| c.limits.calls_per_minute_per_tenant = new.limits.calls_per_minute_per_tenant,
     );
+    take("proxy", differs(&old.proxy, &new.proxy), &mut |c| {
+        c.proxy = new.proxy.clone()
+    });
     // Compare what is left with the reloadable parts taken out of both sides.
     let mut rest_old = old.clone();
     let mut rest_new = new.clone();
@@ -81,8 +84,9 @@ pub fn merge(old: &Config, new: Config) -> (Config, Outcome) {
         c.server.max_concurrent_calls = 0;
         c.server.queue_timeout = crate::config::HumanDuration::from_secs(0);
         c.limits.calls_per_minute_per_tenant = 0;
+        c.proxy = Vec::new();
     }
-    let sections: [(&str, bool); 6] = [
+    let sections: [(&str, bool); 5] = [
         ("server", differs(&rest_old.server, &rest_new.server)),
         ("tls", differs(&rest_old.tls, &rest_new.tls)),
         (
@@ -96,7 +100,6 @@ pub fn merge(old: &Config, new: Config) -> (Config, Outcome) {
                 || old.ultravox.api_key.expose() != new.ultravox.api_key.expose(),
         ),
         ("limits", differs(&rest_old.limits, &rest_new.limits)),
-        ("proxy", differs(&rest_old.proxy, &rest_new.proxy)),
     ];
     for (name, changed) in sections {
         if changed {
@@ -109,15 +112,23 @@ pub fn merge(old: &Config, new: Config) -> (Config, Outcome) {
 /// Reloads on every SIGHUP until the process ends. A bad file is logged and changes nothing.
 pub fn spawn(
     mut reloads: tokio::sync::watch::Receiver<u64>,
-    manager: std::sync::Arc<crate::calls::manager::CallManager>,
+    state: crate::api::AppState,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let manager = state.calls().clone();
         while reloads.changed().await.is_ok() {
             let current = manager.config();
             // Reading and validating the file touches the disk: keep it off the reactor.
             let result = tokio::task::spawn_blocking(move || load(&current)).await;
             match result {
                 Ok(Ok((next, out))) => {
+                    if out.applied.iter().any(|k| k == "proxy") {
+                        // Validated with the rest of the file, so this cannot fail here.
+                        match crate::proxy::ProxyTable::from_config(&next.proxy) {
+                            Ok(table) => state.proxy().reload(table),
+                            Err(e) => tracing::error!(error = %e, "proxy routes not reloaded"),
+                        }
+                    }
                     manager.replace_config(std::sync::Arc::new(next));
                     tracing::info!(
                         applied = ?out.applied,
@@ -160,6 +171,12 @@ mod tests {
         new.server.queue_timeout = HumanDuration::from_secs(5);
         new.server.listen = "127.0.0.1:9999".into();
         new.twilio.auth_token = Secret::new("rotated");
+        new.proxy.push(crate::config::ProxyRoute {
+            host: None,
+            path: "/app".into(),
+            upstream: Some("http://127.0.0.1:3000".into()),
+            root: None,
+        });
         let (next, out) = merge(&old, new);
         assert_eq!(
             out.applied,
@@ -167,9 +184,11 @@ mod tests {
                 "agent",
                 "openai",
                 "server.max_concurrent_calls",
-                "server.queue_timeout"
+                "server.queue_timeout",
+                "proxy"
             ]
         );
+        assert_eq!(next.proxy.len(), 1);
         assert_eq!(out.needs_restart, ["server", "twilio"]);
         assert_eq!(next.agent.greeting, "Hi there");
         assert_eq!(next.openai.api_key.expose(), "sk-new");

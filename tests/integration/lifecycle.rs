@@ -224,15 +224,28 @@ async fn sighup_reloads_the_config_and_a_bad_file_changes_nothing() {
     let r = http.get(server.url("/health/ready")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
-    // A valid one: the new greeting is in force for the next call; the listener change is
-    // reported as needing a restart.
+    // A valid one: the new greeting is in force for the next call, a new proxy route serves
+    // at once; the listener change is reported as needing a restart.
+    let site = install.dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "hello from the site").unwrap();
+    let page = || async {
+        let r = http.get(server.url("/site/")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(page().await.0, 404);
     let next = good
         .replace("greeting = \"Hi\"", "greeting = \"Welcome back\"")
         .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
-    std::fs::write(&install.config, next).unwrap();
+    std::fs::write(
+        &install.config,
+        format!("{next}\n[[proxy]]\npath = \"/site\"\nroot = {site:?}\n"),
+    )
+    .unwrap();
     hup();
     let ok = logged(&server, "config reloaded");
-    assert_eq!(ok["applied"], "[\"agent\"]", "{ok}");
+    assert_eq!(ok["applied"], "[\"agent\", \"proxy\"]", "{ok}");
+    assert_eq!(page().await, (200, "hello from the site".to_owned()));
     let restart = logged(&server, "these changes take effect after a restart");
     assert_eq!(restart["sections"], "[\"server\"]", "{restart}");
 

@@ -12,3 +12,4 @@ mod ops;
 mod proxy;
 mod serve;
 mod support;
+mod tls;

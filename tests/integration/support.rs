@@ -134,6 +134,8 @@ pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub logs: mpsc::Receiver<String>,
+    /// Output before the "listening" line (startup warnings, first issuance).
+    pub startup: Vec<String>,
 }
 
 impl Server {
@@ -206,6 +208,7 @@ impl Server {
             child: Some(child),
             addr,
             logs: rx,
+            startup: seen,
         }
     }
 
