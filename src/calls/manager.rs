@@ -237,14 +237,16 @@ impl CallManager {
             .unwrap_or(0)
     }
 
-    /// True once no call is live; false at `deadline` or when forced.
+    /// True once no call is live and every bridge has finished (its transcript flushed: a
+    /// provider callback can close the record while the bridge is still writing); false at
+    /// `deadline` or when forced.
     async fn wait_no_live(
         &self,
         deadline: tokio::time::Instant,
         force: &CancellationToken,
     ) -> bool {
         loop {
-            if self.live_count().await == 0 {
+            if self.live_count().await == 0 && self.bridged_count() == 0 {
                 return true;
             }
             tokio::select! {
