@@ -92,7 +92,10 @@ impl RealtimeEngine {
             req.headers_mut()
                 .insert("openai-beta", HeaderValue::from_static("realtime=v1"));
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req)
+        let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(crate::media::WS_READ_BUFFER);
+        // No Nagle: caller frames are small and must leave at once, every 20 ms.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(r) => EngineError::Failed(format!(
