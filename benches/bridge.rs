@@ -145,10 +145,15 @@ fn cpu_us(pid: u32) -> f64 {
 }
 
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `kB` line of `/proc/<pid>/status` (VmRSS, RssAnon, …).
+fn status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -228,6 +233,8 @@ struct Row {
     rss_idle_mb: f64,
     rss_live_mb: f64,
     kb_per_call: f64,
+    anon_kb_per_call: f64,
+    threads: u64,
     load_cpu_pct: f64,
     load_us_per_call_s: f64,
     machine_busy_pct: f64,
@@ -347,6 +354,7 @@ max_websockets_per_ip = {max}
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = rss_kb(pid);
+    let anon_idle = status_kb(pid, "RssAnon:");
 
     // Place the calls through the public API, 64 requests at a time.
     let t0 = Instant::now();
@@ -404,6 +412,8 @@ max_websockets_per_ip = {max}
     tokio::time::sleep(Duration::from_secs(a.window)).await;
     let s1 = Snapshot::take(pid, &counters);
     let rss_live = rss_kb(pid);
+    let anon_live = status_kb(pid, "RssAnon:");
+    let threads = status_kb(pid, "Threads:");
     let still_live = counters.tw_live.load(Relaxed) as usize;
 
     // Teardown: every caller hangs up (`stop`, close), then the server stops.
@@ -435,6 +445,8 @@ max_websockets_per_ip = {max}
         rss_idle_mb: rss_idle as f64 / 1024.0,
         rss_live_mb: rss_live as f64 / 1024.0,
         kb_per_call: rss_live.saturating_sub(rss_idle) as f64 / n as f64,
+        anon_kb_per_call: anon_live.saturating_sub(anon_idle) as f64 / n as f64,
+        threads,
         load_cpu_pct: load_cpu / (secs * 1e6) * 100.0,
         load_us_per_call_s: load_cpu / call_s,
         machine_busy_pct: busy as f64 / total.max(1) as f64 * 100.0,
@@ -446,7 +458,7 @@ max_websockets_per_ip = {max}
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:>6} {:>7} {:>13} {:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>8}",
+        "{:>6} {:>7} {:>13} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>11} {:>8}",
         "calls",
         "window",
         "frames/call-s",
@@ -456,13 +468,14 @@ fn print_table(rows: &[Row]) {
         "RSS idle",
         "RSS live",
         "kB/call",
+        "anon/call",
         "load CPU",
         "load µs/c-s",
         "box busy"
     );
     for r in rows {
         println!(
-            "{:>6} {:>6.1}s {:>6.1}+{:<6.1} {:>7.1}% {:>11.0} {:>9.2} {:>7.1}MB {:>7.1}MB {:>9.1} {:>8.1}% {:>11.0} {:>7.0}%",
+            "{:>6} {:>6.1}s {:>6.1}+{:<6.1} {:>7.1}% {:>10.0} {:>9.2} {:>7.1}MB {:>7.1}MB {:>8.1} {:>9.1} {:>7.1}% {:>11.0} {:>7.0}%",
             r.calls,
             r.window_s,
             r.frames_in_per_call_s,
@@ -473,10 +486,12 @@ fn print_table(rows: &[Row]) {
             r.rss_idle_mb,
             r.rss_live_mb,
             r.kb_per_call,
+            r.anon_kb_per_call,
             r.load_cpu_pct,
             r.load_us_per_call_s,
             r.machine_busy_pct
         );
+        println!("       server threads: {}", r.threads);
         if r.frames_in_per_call_s < 47.0 || r.frames_out_per_call_s < 47.0 {
             println!(
                 "       WARNING: media fell behind real time (box {:.0}% busy): per-call-second figures understate the cost; µs/frame still holds",
@@ -494,7 +509,7 @@ fn print_table(rows: &[Row]) {
         "frames/call-s: caller→engine + engine→caller media frames through the bridge per call-second (real time: 50+50)."
     );
     println!(
-        "µs/call-s and µs/frame: server CPU (user+sys) / (calls × window) and / frames both ways. kB/call: (RSS live − RSS idle) / calls."
+        "µs/call-s and µs/frame: server CPU (user+sys) / (calls × window) and / frames both ways. kB/call: (RSS live − RSS idle) / calls; anon/call: the same for RssAnon (without code pages)."
     );
     println!("bar: ≤ 300 µs CPU per call-second, ≤ 50 kB per live call.");
 }
