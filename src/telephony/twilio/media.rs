@@ -254,6 +254,20 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_lenient() {
+        let seq = |v: &str| {
+            parse(&format!(r#"{{"event":"connected","sequenceNumber":{v}}}"#))
+                .map(|(_, n)| n)
+                .map_err(|_| ())
+        };
+        assert_eq!(seq("7"), Ok(Some(7)));
+        assert_eq!(seq(r#"" 8 ""#), Ok(Some(8)));
+        assert_eq!(seq("null"), Ok(None));
+        assert_eq!(seq(r#""x""#), Ok(None));
+        assert!(seq("-1").is_err() && seq("1.5").is_err());
+    }
+
+    #[test]
     fn rejects_garbage() {
         assert!(matches!(parse("not json"), Err(ParseError::Json(_))));
         assert!(matches!(
