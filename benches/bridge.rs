@@ -235,6 +235,7 @@ struct Row {
     kb_per_call: f64,
     anon_kb_per_call: f64,
     threads: u64,
+    marks_per_call_s: f64,
     load_cpu_pct: f64,
     load_us_per_call_s: f64,
     machine_busy_pct: f64,
@@ -433,7 +434,6 @@ max_websockets_per_ip = {max}
     let server_cpu = s1.server_cpu - s0.server_cpu;
     let load_cpu = s1.load_cpu - s0.load_cpu;
     let (busy, total) = (s1.machine.0 - s0.machine.0, s1.machine.1 - s0.machine.1);
-    let _ = s1.marks - s0.marks;
     Ok(Row {
         calls: n,
         window_s: secs,
@@ -447,6 +447,7 @@ max_websockets_per_ip = {max}
         kb_per_call: rss_live.saturating_sub(rss_idle) as f64 / n as f64,
         anon_kb_per_call: anon_live.saturating_sub(anon_idle) as f64 / n as f64,
         threads,
+        marks_per_call_s: (s1.marks - s0.marks) as f64 / call_s,
         load_cpu_pct: load_cpu / (secs * 1e6) * 100.0,
         load_us_per_call_s: load_cpu / call_s,
         machine_busy_pct: busy as f64 / total.max(1) as f64 * 100.0,
@@ -491,7 +492,10 @@ fn print_table(rows: &[Row]) {
             r.load_us_per_call_s,
             r.machine_busy_pct
         );
-        println!("       server threads: {}", r.threads);
+        println!(
+            "       server threads: {}; marks echoed per call-second: {:.1}",
+            r.threads, r.marks_per_call_s
+        );
         if r.frames_in_per_call_s < 47.0 || r.frames_out_per_call_s < 47.0 {
             println!(
                 "       WARNING: media fell behind real time (box {:.0}% busy): per-call-second figures understate the cost; µs/frame still holds",
@@ -632,13 +636,28 @@ async fn start_fake_twilio(tw: Arc<TwilioSide>) -> std::net::SocketAddr {
     addr
 }
 
+fn twilio_auth_ok(headers: &axum::http::HeaderMap) -> bool {
+    let want = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"))
+    );
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(want.as_str())
+}
+
 async fn create_call(
     State(tw): State<Arc<TwilioSide>>,
     Path(account): Path<String>,
+    headers: axum::http::HeaderMap,
     axum::Form(form): axum::Form<Vec<(String, String)>>,
 ) -> axum::response::Response {
-    if account != ACCOUNT_SID {
-        return StatusCode::NOT_FOUND.into_response();
+    if account != ACCOUNT_SID || !twilio_auth_ok(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(
+                serde_json::json!({"code": 20003, "message": "Authenticate", "status": 401}),
+            ),
+        )
+            .into_response();
     }
     let get = |k: &str| {
         form.iter()
@@ -656,7 +675,15 @@ async fn create_call(
     (StatusCode::CREATED, axum::Json(body)).into_response()
 }
 
-async fn fetch_call(Path((_, file)): Path<(String, String)>) -> axum::response::Response {
+/// Fetch or update (end/redirect) a call: the bench's calls are over by the time the server
+/// asks, so every one reads as completed.
+async fn fetch_call(
+    Path((_, file)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if !twilio_auth_ok(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
     let sid = file.trim_end_matches(".json");
     axum::Json(serde_json::json!({"sid": sid, "status": "completed", "duration": "1"}))
         .into_response()
