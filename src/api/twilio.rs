@@ -168,6 +168,7 @@ async fn media(
     let m = s.calls().clone();
     Ok(ws
         .max_message_size(256 * 1024)
+        .read_buffer_size(crate::media::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             crate::media::bridge::serve(m, socket).await;
             drop(guard);

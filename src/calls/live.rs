@@ -46,7 +46,10 @@ impl Registry {
             .entry(id.to_owned())
             .or_insert_with(|| {
                 Arc::new(LiveCall {
-                    events: broadcast::channel(256).0,
+                    // The buffer is allocated up front (~90 bytes a slot) for every live call;
+                    // events come at speech pace and followers drain them at once, so 32 is
+                    // ample (a follower that lags further skips ahead; the database has all).
+                    events: broadcast::channel(32).0,
                     end: CancellationToken::new(),
                 })
             })

@@ -9,7 +9,6 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -29,12 +28,12 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct RealtimeEngine {
-    tx: SplitSink<Ws, Message>,
-    rx: SplitStream<Ws>,
+    /// Unsplit: the bridge never reads and writes at once (its `select!` drops the pending
+    /// `next_event` before a handler sends), so a split lock per frame would be wasted.
+    ws: Ws,
     beta: bool,
     greeting: String,
     pending: VecDeque<EngineEvent>,
-    buf: String,
 }
 
 /// Only the fields we act on; everything else in an event is ignored.
@@ -92,7 +91,10 @@ impl RealtimeEngine {
             req.headers_mut()
                 .insert("openai-beta", HeaderValue::from_static("realtime=v1"));
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req)
+        let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(crate::media::WS_READ_BUFFER);
+        // No Nagle: caller frames are small and must leave at once, every 20 ms.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(r) => EngineError::Failed(format!(
@@ -106,14 +108,11 @@ impl RealtimeEngine {
                 )),
                 e => EngineError::Failed(format!("cannot connect to OpenAI Realtime: {e}")),
             })?;
-        let (tx, rx) = ws.split();
         let mut engine = RealtimeEngine {
-            tx,
-            rx,
+            ws,
             beta: cfg.beta_protocol,
             greeting: ctx.greeting.clone(),
             pending: VecDeque::new(),
-            buf: String::with_capacity(2048),
         };
         let transcription = (!cfg.transcription_model.is_empty())
             .then(|| json!({"model": cfg.transcription_model}));
@@ -148,7 +147,7 @@ impl RealtimeEngine {
             .await?;
         // Wait for the configuration to take effect; anything else before it is an error.
         loop {
-            let Some(msg) = engine.rx.next().await else {
+            let Some(msg) = engine.ws.next().await else {
                 return Err(EngineError::Failed(
                     "OpenAI Realtime closed the session while configuring".into(),
                 ));
@@ -175,7 +174,7 @@ impl RealtimeEngine {
     }
 
     async fn send_json(&mut self, v: &serde_json::Value) -> Result<(), EngineError> {
-        self.tx
+        self.ws
             .send(Message::Text(Utf8Bytes::from(v.to_string())))
             .await
             .map_err(|e| EngineError::Failed(format!("OpenAI Realtime connection lost: {e}")))
@@ -203,16 +202,14 @@ impl RealtimeEngine {
         if !is_base64(payload_b64) {
             return Ok(());
         }
-        self.buf.clear();
-        self.buf
-            .push_str(r#"{"type":"input_audio_buffer.append","audio":""#);
-        self.buf.push_str(payload_b64);
-        self.buf.push_str(r#""}"#);
-        let msg = Message::Text(Utf8Bytes::from(std::mem::replace(
-            &mut self.buf,
-            String::with_capacity(2048),
-        )));
-        self.tx
+        // The socket keeps the message's bytes: one exactly sized allocation per frame.
+        const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
+        let mut json = String::with_capacity(HEAD.len() + payload_b64.len() + 2);
+        json.push_str(HEAD);
+        json.push_str(payload_b64);
+        json.push_str(r#""}"#);
+        let msg = Message::Text(Utf8Bytes::from(json));
+        self.ws
             .send(msg)
             .await
             .map_err(|e| EngineError::Failed(format!("OpenAI Realtime connection lost: {e}")))
@@ -236,7 +233,7 @@ impl RealtimeEngine {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(e);
             }
-            let msg = match self.rx.next().await {
+            let msg = match self.ws.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     return Err(EngineError::Failed(format!(
@@ -326,8 +323,8 @@ impl RealtimeEngine {
     }
 
     pub async fn close(mut self) {
-        let _ = self.tx.send(Message::Close(None)).await;
-        let _ = self.tx.close().await;
+        let _ = self.ws.send(Message::Close(None)).await;
+        let _ = SinkExt::close(&mut self.ws).await;
     }
 }
 

@@ -7,6 +7,7 @@
 //! and transcript batching live here too, so a call needs exactly one task.
 
 use std::collections::{HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,12 +36,14 @@ const GOODBYE_GRACE: Duration = Duration::from_secs(8);
 /// Close code for a policy violation: a stream we will not serve.
 const POLICY: u16 = 1008;
 
-type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+/// The phone's socket, unsplit: the bridge's `select!` drops its branch futures before running
+/// a handler, so reading and writing never overlap and no split lock is needed per frame.
+type Sink = WebSocket;
 
 /// Serves one media-stream WebSocket from `connected` to close.
 pub async fn serve(m: Arc<CallManager>, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let start = match tokio::time::timeout(START_TIMEOUT, wait_for_start(&mut stream)).await {
+    let mut sink = socket;
+    let start = match tokio::time::timeout(START_TIMEOUT, wait_for_start(&mut sink)).await {
         Ok(Some(s)) => s,
         Ok(None) => {
             close(&mut sink, POLICY, "expected a start message").await;
@@ -80,12 +83,10 @@ pub async fn serve(m: Arc<CallManager>, socket: WebSocket) {
     }
     // Every log line of the call carries its id and Twilio's CallSid.
     let span = tracing::info_span!("call", call_id = %call_id, call_sid = %start.call_sid);
-    tracing::Instrument::instrument(Bridge::run(m, call_id, start, sink, stream), span).await;
+    tracing::Instrument::instrument(Bridge::run(m, call_id, start, sink), span).await;
 }
 
-async fn wait_for_start(
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
-) -> Option<media::Start> {
+async fn wait_for_start(stream: &mut WebSocket) -> Option<media::Start> {
     while let Some(msg) = stream.next().await {
         let Ok(Message::Text(text)) = msg else {
             return None;
@@ -263,13 +264,7 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 impl Bridge {
-    async fn run(
-        m: Arc<CallManager>,
-        call_id: CallId,
-        start: media::Start,
-        sink: Sink,
-        mut stream: futures_util::stream::SplitStream<WebSocket>,
-    ) {
+    async fn run(m: Arc<CallManager>, call_id: CallId, start: media::Start, sink: Sink) {
         let now = Instant::now();
         let setup = match m.call_setup(call_id.as_str()).await {
             Ok(s) => s,
@@ -341,9 +336,14 @@ impl Bridge {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut max_duration_hit = false;
 
+        // Created once, not per loop turn: each `cancelled()` registers a waiter under a lock.
+        let ended = live.end.cancelled();
+        tokio::pin!(ended);
+        let winding = wind_down.cancelled();
+        tokio::pin!(winding);
         let (reason, error): (&'static str, Option<String>) = loop {
             tokio::select! {
-                msg = stream.next() => {
+                msg = b.sink.next() => {
                     let text = match msg {
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Close(_))) | None => break ("caller_hangup", None),
@@ -425,8 +425,8 @@ impl Bridge {
                         b.flush_frame_counts();
                     }
                 }
-                _ = live.end.cancelled() => break ("ended", None),
-                _ = wind_down.cancelled(), if !winding_down => {
+                _ = &mut ended => break ("ended", None),
+                _ = &mut winding, if !winding_down => {
                     winding_down = true;
                     if b.hangup.is_none() {
                         b.say_goodbye(&mut engine, "shutdown").await;
@@ -469,11 +469,16 @@ impl Bridge {
                     self.latency.turn_ms.push(ms_since(t));
                 }
                 let seq = self.playback.sent(&item, bytes, Instant::now());
+                // Each message owns its bytes (the socket keeps them): sized exactly, one
+                // allocation each; the mark name goes through the scratch buffer.
+                let mut media_json =
+                    String::with_capacity(64 + self.stream_sid.len() + payload_b64.len());
+                media::write_media(&mut media_json, &self.stream_sid, &payload_b64);
+                let media_msg = Message::Text(Utf8Bytes::from(media_json));
                 self.out.clear();
-                media::write_media(&mut self.out, &self.stream_sid, &payload_b64);
-                let media_msg = Message::Text(Utf8Bytes::from(std::mem::take(&mut self.out)));
-                let mut mark = String::with_capacity(96);
-                media::write_mark(&mut mark, &self.stream_sid, &format!("m{seq}"));
+                let _ = write!(self.out, "m{seq}");
+                let mut mark = String::with_capacity(64 + self.stream_sid.len() + self.out.len());
+                media::write_mark(&mut mark, &self.stream_sid, &self.out);
                 self.sink.feed(media_msg).await.map_err(|e| e.to_string())?;
                 self.sink
                     .feed(Message::Text(Utf8Bytes::from(mark)))
@@ -481,7 +486,6 @@ impl Bridge {
                     .map_err(|e| e.to_string())?;
                 self.sink.flush().await.map_err(|e| e.to_string())?;
                 self.frames_out += 1;
-                self.out = String::with_capacity(1024);
             }
             EngineEvent::Transcript { speaker, text } => {
                 let at_ms = self.started.elapsed().as_millis() as i64;

@@ -25,3 +25,9 @@ impl AudioFormat {
 /// One 20 ms phone frame of μ-law: 160 bytes.
 pub const FRAME_MS: u64 = 20;
 pub const MULAW_FRAME_BYTES: usize = 160;
+
+/// Read buffer of each call-path WebSocket (phone stream and engine session). tungstenite's
+/// default of 128 KiB is zero-filled on every read and stays resident per socket: with two
+/// sockets per call that was ~300 kB and several µs of memset per frame. Our messages are a
+/// few hundred bytes (larger ones still fit: the buffer grows for a frame that needs it).
+pub const WS_READ_BUFFER: usize = 4096;

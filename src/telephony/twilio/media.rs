@@ -140,20 +140,38 @@ pub fn parse(text: &str) -> Result<(Event<'_>, Option<u64>), ParseError> {
     Ok((ev, m.sequence_number))
 }
 
+/// A number or a string holding one (absent, null or unparseable: `None`). A visitor rather
+/// than an untagged enum: this runs three times per media frame, and untagged enums buffer
+/// their input before trying each variant.
 fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Num<'a> {
-        N(u64),
-        S(&'a str),
-        Owned(String),
+    struct Lenient;
+    impl<'de> serde::de::Visitor<'de> for Lenient {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number or a string with a number")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.trim().parse().ok())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(Lenient)
+        }
     }
-    Ok(match Option::<Num<'_>>::deserialize(d)? {
-        None => None,
-        Some(Num::N(n)) => Some(n),
-        Some(Num::S(s)) => s.trim().parse().ok(),
-        Some(Num::Owned(s)) => s.trim().parse().ok(),
-    })
+    d.deserialize_option(Lenient)
 }
 
 /// True for strings that can be placed inside a JSON string literal without escaping and are
@@ -233,6 +251,20 @@ mod tests {
         assert!(
             matches!(parse(r#"{"event":"stop","sequenceNumber":"5","stop":{"accountSid":"AC","callSid":"CA"}}"#).unwrap().0, Event::Stop(s) if s.call_sid == "CA")
         );
+    }
+
+    #[test]
+    fn numbers_are_lenient() {
+        let seq = |v: &str| {
+            parse(&format!(r#"{{"event":"connected","sequenceNumber":{v}}}"#))
+                .map(|(_, n)| n)
+                .map_err(|_| ())
+        };
+        assert_eq!(seq("7"), Ok(Some(7)));
+        assert_eq!(seq(r#"" 8 ""#), Ok(Some(8)));
+        assert_eq!(seq("null"), Ok(None));
+        assert_eq!(seq(r#""x""#), Ok(None));
+        assert!(seq("-1").is_err() && seq("1.5").is_err());
     }
 
     #[test]
