@@ -5,6 +5,7 @@
 //! cargo bench --bench bridge                                  # N = 100 and 1000, 20 s window
 //! cargo bench --bench bridge -- --calls 100 --window 30 --warmup 5
 //! cargo bench --bench bridge -- --micro                       # per-frame hot path only
+//! cargo bench --bench bridge -- --delta-frames 5              # 100 ms agent deltas (default 20 ms)
 //! ```
 //!
 //! The load side is deliberately lean (one task per call and side, pre-encoded audio, no
@@ -50,6 +51,14 @@ const FRAME: Duration = Duration::from_millis(20);
 /// 20 ms of 8 kHz μ-law.
 const FRAME_BYTES: usize = 160;
 
+/// Agent audio per Realtime delta, in 20 ms frames (`--delta-frames`, default 1: the worst
+/// case). Real OpenAI deltas are usually longer; Twilio accepts any payload length.
+static DELTA_FRAMES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+fn delta_frames() -> u32 {
+    *DELTA_FRAMES.get().unwrap_or(&1)
+}
+
 // ---------------------------------------------------------------------------------------
 // Arguments
 
@@ -87,6 +96,10 @@ fn args() -> Args {
             "--warmup" => a.warmup = val().parse().expect("--warmup seconds"),
             "--bin" => a.bin = val(),
             "--micro" => a.micro = true,
+            "--delta-frames" => {
+                let n: u32 = val().parse().expect("--delta-frames N");
+                let _ = DELTA_FRAMES.set(n.max(1));
+            }
             // `cargo bench` passes --bench; libtest-style filters are ignored.
             _ => {}
         }
@@ -496,7 +509,9 @@ fn print_table(rows: &[Row]) {
             "       server threads: {}; marks echoed per call-second: {:.1}",
             r.threads, r.marks_per_call_s
         );
-        if r.frames_in_per_call_s < 47.0 || r.frames_out_per_call_s < 47.0 {
+        if r.frames_in_per_call_s < 47.0
+            || r.frames_out_per_call_s < 47.0 / f64::from(delta_frames())
+        {
             println!(
                 "       WARNING: media fell behind real time (box {:.0}% busy): per-call-second figures understate the cost; µs/frame still holds",
                 r.machine_busy_pct
@@ -966,8 +981,10 @@ async fn realtime_session(
     if ws.send(Message::text(created)).await.is_err() {
         return;
     }
-    // One long agent turn, pre-encoded: 20 ms of μ-law per delta.
-    let audio: Vec<u8> = (0..FRAME_BYTES).map(|i| 0x70 | (i as u8 & 0x0F)).collect();
+    // One long agent turn, pre-encoded: `delta_frames()` × 20 ms of μ-law per delta.
+    let audio: Vec<u8> = (0..FRAME_BYTES * delta_frames() as usize)
+        .map(|i| 0x70 | (i as u8 & 0x0F))
+        .collect();
     let delta: Utf8Bytes = format!(
         r#"{{"type":"response.output_audio.delta","event_id":"event_d{n}","response_id":"resp_{n}","item_id":"item_{n}","output_index":0,"content_index":0,"delta":"{}"}}"#,
         base64::engine::general_purpose::STANDARD.encode(&audio)
@@ -1004,7 +1021,7 @@ async fn realtime_session(
                         r#"{{"type":"session.updated","event_id":"event_u{n}","session":{{"type":"realtime","model":"gpt-realtime","output_modalities":["audio"],"audio":{{"input":{{"format":{{"type":"audio/pcmu"}}}},"output":{{"format":{{"type":"audio/pcmu"}},"voice":"alloy"}}}}}}}}"#
                     ),
                     "response.create" if tick.is_none() => {
-                        let mut t = tokio::time::interval(FRAME);
+                        let mut t = tokio::time::interval(FRAME * delta_frames());
                         t.set_missed_tick_behavior(MissedTickBehavior::Delay);
                         tick = Some(t);
                         c.rt_talking.fetch_add(1, Relaxed);
