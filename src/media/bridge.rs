@@ -110,6 +110,10 @@ async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
     let _ = sink.close().await;
 }
 
+/// Agent audio between marks (100 ms): the extrapolation between echoes stays accurate to a
+/// few milliseconds, at a fifth of the echoes of marking every 20 ms delta.
+const MARK_EVERY_BYTES: u64 = 800;
+
 /// A mark we sent: when Twilio echoes it, everything before it has played.
 struct PendingMark {
     seq: u64,
@@ -121,6 +125,10 @@ struct PendingMark {
 /// 8 bytes per millisecond in between, never ahead of what was sent.
 struct Playback {
     sent_total: u64,
+    /// Bytes sent after the last mark: a mark goes out every [`MARK_EVERY_BYTES`], and the
+    /// tail of an utterance gets one on the next tick, so Twilio echoes a few marks a second
+    /// instead of one per 20 ms delta (each echo is a message to read).
+    unmarked: u64,
     anchor_bytes: u64,
     anchor_at: Instant,
     marks: VecDeque<PendingMark>,
@@ -135,6 +143,7 @@ impl Playback {
     fn new(now: Instant) -> Self {
         Self {
             sent_total: 0,
+            unmarked: 0,
             anchor_bytes: 0,
             anchor_at: now,
             marks: VecDeque::new(),
@@ -150,11 +159,12 @@ impl Playback {
     }
 
     fn pending(&self) -> bool {
-        !self.marks.is_empty()
+        !self.marks.is_empty() || self.unmarked > 0
     }
 
-    /// Records `bytes` of `item` going out; returns the mark name to send after them.
-    fn sent(&mut self, item: &str, bytes: u64, now: Instant) -> u64 {
+    /// Records `bytes` of `item` going out; returns the mark to send after them, if one is
+    /// due.
+    fn sent(&mut self, item: &str, bytes: u64, now: Instant) -> Option<u64> {
         if self.played(now) >= self.sent_total {
             // The buffer at Twilio ran dry: playback of this audio starts now.
             self.anchor_bytes = self.sent_total;
@@ -165,6 +175,18 @@ impl Playback {
             _ => self.item = Some((item.to_owned(), self.sent_total, bytes)),
         }
         self.sent_total += bytes;
+        self.unmarked += bytes;
+        (self.unmarked >= MARK_EVERY_BYTES).then(|| self.mark())
+    }
+
+    /// A mark after everything sent so far, if anything is unmarked (the tail of an
+    /// utterance).
+    fn mark_tail(&mut self) -> Option<u64> {
+        (self.unmarked > 0).then(|| self.mark())
+    }
+
+    fn mark(&mut self) -> u64 {
+        self.unmarked = 0;
         let seq = self.next_mark;
         self.next_mark += 1;
         self.marks.push_back(PendingMark {
@@ -194,6 +216,7 @@ impl Playback {
         let played = self.played(now);
         self.cleared_upto = self.next_mark - 1;
         self.marks.clear();
+        self.unmarked = 0;
         self.sent_total = played;
         self.anchor_bytes = played;
         self.anchor_at = now;
@@ -390,6 +413,15 @@ impl Bridge {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    if let Some(seq) = b.playback.mark_tail() {
+                        let sent = match b.feed_mark(seq).await {
+                            Ok(()) => b.sink.flush().await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = sent {
+                            break ("stream_error", Some(e));
+                        }
+                    }
                     if let Some((reason, hard)) = b.hangup
                         && (!b.playback.pending() || now >= hard)
                     {
@@ -442,6 +474,18 @@ impl Bridge {
         b.finish(reason, error).await;
     }
 
+    /// Queues a mark named `m<seq>` (sent with the next flush).
+    async fn feed_mark(&mut self, seq: u64) -> Result<(), String> {
+        self.out.clear();
+        let _ = write!(self.out, "m{seq}");
+        let mut mark = String::with_capacity(64 + self.stream_sid.len() + self.out.len());
+        media::write_mark(&mut mark, &self.stream_sid, &self.out);
+        self.sink
+            .feed(Message::Text(Utf8Bytes::from(mark)))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn say_goodbye(&mut self, engine: &mut Engine, reason: &'static str) {
         self.m.note_end_reason(self.call_id.as_str(), reason).await;
         let bye = self.m.config().agent.goodbye.clone();
@@ -470,20 +514,17 @@ impl Bridge {
                 }
                 let seq = self.playback.sent(&item, bytes, Instant::now());
                 // Each message owns its bytes (the socket keeps them): sized exactly, one
-                // allocation each; the mark name goes through the scratch buffer.
+                // allocation each.
                 let mut media_json =
                     String::with_capacity(64 + self.stream_sid.len() + payload_b64.len());
                 media::write_media(&mut media_json, &self.stream_sid, &payload_b64);
-                let media_msg = Message::Text(Utf8Bytes::from(media_json));
-                self.out.clear();
-                let _ = write!(self.out, "m{seq}");
-                let mut mark = String::with_capacity(64 + self.stream_sid.len() + self.out.len());
-                media::write_mark(&mut mark, &self.stream_sid, &self.out);
-                self.sink.feed(media_msg).await.map_err(|e| e.to_string())?;
                 self.sink
-                    .feed(Message::Text(Utf8Bytes::from(mark)))
+                    .feed(Message::Text(Utf8Bytes::from(media_json)))
                     .await
                     .map_err(|e| e.to_string())?;
+                if let Some(seq) = seq {
+                    self.feed_mark(seq).await?;
+                }
                 self.sink.flush().await.map_err(|e| e.to_string())?;
                 self.frames_out += 1;
             }
@@ -661,8 +702,8 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Playback::new(t0);
         // 1 s of audio for item a, in two pieces.
-        let m1 = p.sent("a", 4000, t0);
-        let _m2 = p.sent("a", 4000, t0);
+        let m1 = p.sent("a", 4000, t0).unwrap();
+        let _m2 = p.sent("a", 4000, t0).unwrap();
         assert_eq!(p.played(t0 + Duration::from_millis(300)), 2400);
         p.echoed(m1, t0 + Duration::from_millis(520));
         // 100 ms after the first echo: 500 ms + 100 ms played.
@@ -678,6 +719,23 @@ mod tests {
         assert_eq!(p.played(t0 + Duration::from_millis(5050)), 4800 + 400);
         let (item, heard) = p.cleared(t0 + Duration::from_millis(5050)).unwrap();
         assert_eq!((item.as_str(), heard), ("b", 400));
+    }
+
+    #[test]
+    fn small_deltas_share_a_mark_and_the_tail_gets_one() {
+        let t0 = Instant::now();
+        let mut p = Playback::new(t0);
+        // 20 ms deltas: a mark every 100 ms of audio.
+        let marks: Vec<_> = (0..7).map(|_| p.sent("a", 160, t0)).collect();
+        assert_eq!(marks.iter().flatten().count(), 1);
+        assert_eq!(marks[4], Some(1));
+        // 40 ms unmarked: still pending, and the tail mark covers it.
+        assert!(p.pending());
+        assert_eq!(p.mark_tail(), Some(2));
+        assert_eq!(p.mark_tail(), None);
+        p.echoed(2, t0 + Duration::from_millis(140));
+        assert!(!p.pending());
+        assert_eq!(p.played(t0 + Duration::from_secs(1)), 7 * 160);
     }
 
     #[test]
