@@ -51,7 +51,9 @@ pub fn render_template(domain: &str, email: &str, data_dir: &Path, dev: bool) ->
         )
     } else {
         (
-            "",
+            // Loopback only: local commands (`status`, `call`, `cert renew`) and a local
+            // Prometheus reach the server here; the world comes in over HTTPS.
+            "127.0.0.1:7080",
             "0.0.0.0:80",
             "0.0.0.0:443",
             "acme",

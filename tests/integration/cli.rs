@@ -53,6 +53,8 @@ fn init_writes_config_db_and_private_admin_key() {
         text.contains("domain = \"voice.example.com\"")
             && text.contains("acme_email = \"ops@example.com\"")
     );
+    // A loopback-only plain listener, so `status`, `call` and `cert renew` reach the server.
+    assert!(text.contains("\nlisten = \"127.0.0.1:7080\""), "{text}");
 
     // Refuses to overwrite; the file is untouched.
     std::fs::write(&cfg, format!("{text}\n# edited by operator\n")).unwrap();
