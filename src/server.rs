@@ -143,7 +143,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     )?;
 
     let shutdown = CancellationToken::new();
-    let manager = CallManager::new(store.clone(), config.clone(), shutdown.clone())?;
+    let manager = CallManager::new(store, config.clone(), shutdown.clone())?;
     manager
         .recover()
         .await
@@ -159,7 +159,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let state = AppState::with_manager(store, config.clone(), manager);
+    let state = AppState::with_manager(manager);
     let _reloader = ops::reload::spawn(lifecycle.reloads(), state.clone());
     if let Some(t) = &tls {
         state.set_tls(t.clone());

@@ -49,10 +49,13 @@ impl AppState {
         let calls = CallManager::new(store.clone(), config.clone(), Default::default())
             // Only fails if the HTTP client cannot be built (no TLS backend): a build defect.
             .expect("HTTP client");
-        Self::with_manager(store, config, calls)
+        Self::with_manager(calls)
     }
 
-    pub fn with_manager(store: Store, config: Arc<Config>, calls: Arc<CallManager>) -> Self {
+    /// State around a call manager, which holds the store and the configuration.
+    pub fn with_manager(calls: Arc<CallManager>) -> Self {
+        let config = calls.config();
+        let store = calls.store().clone();
         let ops = crate::ops::Ops::with_metrics(&config, calls.metrics.clone());
         let proxy = Arc::new(crate::proxy::Proxy::from_config(&config));
         Self(Arc::new(Inner {

@@ -12,17 +12,13 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{CallContext, EngineError, EngineEvent, Speaker};
+use super::{CallContext, EngineError, EngineEvent, Speaker, Ws};
 use crate::config::OpenAiConfig;
 use crate::telephony::twilio::media::is_base64;
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Connecting and configuring the session must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,23 +87,18 @@ impl RealtimeEngine {
             req.headers_mut()
                 .insert("openai-beta", HeaderValue::from_static("realtime=v1"));
         }
-        let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(crate::media::WS_READ_BUFFER);
-        // No Nagle: caller frames are small and must leave at once, every 20 ms.
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true)
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(r) => EngineError::Failed(format!(
-                    "OpenAI Realtime refused the connection (HTTP {}{})",
-                    r.status().as_u16(),
-                    if r.status() == 401 {
-                        ": check openai.api_key"
-                    } else {
-                        ""
-                    }
-                )),
-                e => EngineError::Failed(format!("cannot connect to OpenAI Realtime: {e}")),
-            })?;
+        let ws = super::connect_ws(req).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) => EngineError::Failed(format!(
+                "OpenAI Realtime refused the connection (HTTP {}{})",
+                r.status().as_u16(),
+                if r.status() == 401 {
+                    ": check openai.api_key"
+                } else {
+                    ""
+                }
+            )),
+            e => EngineError::Failed(format!("cannot connect to OpenAI Realtime: {e}")),
+        })?;
         let mut engine = RealtimeEngine {
             ws,
             beta: cfg.beta_protocol,

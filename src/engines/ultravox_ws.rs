@@ -7,28 +7,23 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::ultravox::{Medium, NewCall, UltravoxClient};
-use super::{CallContext, EngineError, EngineEvent, Speaker};
+use super::{CallContext, EngineError, EngineEvent, Speaker, Ws};
 use crate::config::Config;
 use crate::media::mulaw;
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Creating the Ultravox call and joining it must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct UltravoxWsEngine {
-    tx: SplitSink<Ws, Message>,
-    rx: SplitStream<Ws>,
+    /// Unsplit, as for OpenAI: the bridge never reads and writes at once.
+    ws: Ws,
     greeting: String,
     /// Agent utterances are numbered by us (Ultravox has no item ids): a new one starts when
     /// Ultravox starts speaking or after a barge-in, so the bridge can drop a cut one.
@@ -42,7 +37,6 @@ pub struct UltravoxWsEngine {
     mulaw: Vec<u8>,
     /// Ultravox ended the call (agent hang-up): report it once, then stay quiet.
     ended: bool,
-    hangup_sent: bool,
 }
 
 #[derive(Deserialize)]
@@ -90,13 +84,11 @@ impl UltravoxWsEngine {
             })
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?;
-        let (ws, _) = tokio_tungstenite::connect_async(created.join_url.as_str())
+        let ws = super::connect_ws(created.join_url.as_str())
             .await
             .map_err(|e| EngineError::Failed(format!("cannot join the Ultravox call: {e}")))?;
-        let (tx, rx) = ws.split();
         Ok(Self {
-            tx,
-            rx,
+            ws,
             greeting: ctx.greeting.clone(),
             item: 0,
             item_id: "uv-0".into(),
@@ -105,12 +97,11 @@ impl UltravoxWsEngine {
             carry: None,
             mulaw: Vec::with_capacity(160),
             ended: false,
-            hangup_sent: false,
         })
     }
 
     async fn send_data(&mut self, v: serde_json::Value) -> Result<(), EngineError> {
-        self.tx
+        self.ws
             .send(Message::Text(Utf8Bytes::from(v.to_string())))
             .await
             .map_err(lost)
@@ -141,7 +132,7 @@ impl UltravoxWsEngine {
         for &b in &self.mulaw {
             pcm.extend_from_slice(&mulaw::decode(b).to_le_bytes());
         }
-        self.tx
+        self.ws
             .send(Message::Binary(Bytes::from(pcm)))
             .await
             .map_err(lost)
@@ -176,7 +167,7 @@ impl UltravoxWsEngine {
                 // The bridge lets the goodbye play out; nothing more comes from here.
                 return std::future::pending().await;
             }
-            let msg = match self.rx.next().await {
+            let msg = match self.ws.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => return Err(lost(e)),
                 None => return Err(EngineError::Failed("Ultravox closed the call".into())),
@@ -265,14 +256,13 @@ impl UltravoxWsEngine {
     }
 
     pub async fn close(mut self) {
-        if !self.ended && !self.hangup_sent {
-            self.hangup_sent = true;
+        if !self.ended {
             let _ = self
                 .send_data(json!({"type": "hang_up", "message": ""}))
                 .await;
         }
-        let _ = self.tx.send(Message::Close(None)).await;
-        let _ = self.tx.close().await;
+        let _ = self.ws.send(Message::Close(None)).await;
+        let _ = SinkExt::close(&mut self.ws).await;
     }
 }
 

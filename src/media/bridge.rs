@@ -298,7 +298,7 @@ impl Bridge {
                 return;
             }
         };
-        let cfg = m.config().clone();
+        let cfg = m.config();
         let inbound = setup.inbound;
         let kind = setup.kind;
         let max_duration = setup.max_duration;

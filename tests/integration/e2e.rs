@@ -96,7 +96,7 @@ pub async fn stack(opts: Opts) -> Stack {
     let shutdown = CancellationToken::new();
     let manager = CallManager::new(store.clone(), cfg.clone(), shutdown.clone()).unwrap();
     manager.spawn_workers();
-    let state = AppState::with_manager(store.clone(), cfg, manager.clone());
+    let state = AppState::with_manager(manager.clone());
     let router = app(state);
     let stop = shutdown.clone();
     tokio::spawn(async move {
