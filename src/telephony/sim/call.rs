@@ -634,11 +634,15 @@ impl Ctx {
     /// Runs TwiML, then whatever a call update redirects the call to, until the call ends.
     async fn execute(&mut self, verbs: Vec<Verb>) {
         self.run_verbs(verbs).await;
-        while let Some(to) = self.cell.take_redirect() {
+        loop {
+            // Seen before taken: a redirect arriving after this wakes the next wait.
+            self.redirect_rx.borrow_and_update();
+            let Some(to) = self.cell.take_redirect() else {
+                return;
+            };
             if self.is_ended() {
                 return;
             }
-            self.redirect_rx.borrow_and_update();
             let verbs = match to {
                 Redirect::Twiml(v) => Some(v),
                 Redirect::Url { url, method } => {
@@ -646,9 +650,10 @@ impl Ctx {
                         .await
                 }
             };
-            match verbs {
-                Some(v) => self.run_verbs(v).await,
-                None => return,
+            // None: the fetch failed (the call has ended) or yet another redirect came in
+            // meanwhile; the loop sorts out which.
+            if let Some(v) = verbs {
+                self.run_verbs(v).await;
             }
         }
     }
