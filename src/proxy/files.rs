@@ -25,29 +25,25 @@ pub(super) async fn serve(root: &Path, rest: &str, req: Request) -> Result<Respo
         _ => return Err(ProxyError::MethodNotAllowed("GET, HEAD")),
     };
     let segments = decode_segments(rest)?;
-    let mut path = root.to_path_buf();
-    path.extend(&segments);
-
-    let file = match tokio::fs::metadata(&path).await {
-        Ok(meta) if meta.is_dir() => {
-            let raw = req.uri().path();
-            if !raw.ends_with('/') {
-                // Relative links in the directory's index.html resolve against the URL, so
-                // it must end in `/` (as nginx and every static server do).
-                let mut to = format!("{raw}/");
-                if let Some(q) = req.uri().query() {
-                    to.push('?');
-                    to.push_str(q);
-                }
-                return redirect(&to);
+    // All the file-system work in one blocking hop rather than one per call.
+    let is_dir_url = req.uri().path().ends_with('/');
+    let root = root.to_path_buf();
+    let found = tokio::task::spawn_blocking(move || locate(&root, &segments, is_dir_url))
+        .await
+        .map_err(|_| ProxyError::NotFound)??;
+    let (file, meta) = match found {
+        Found::File(file, meta) => (file, meta),
+        Found::DirectoryWithoutSlash => {
+            // Relative links in the directory's index.html resolve against the URL, so
+            // it must end in `/` (as nginx and every static server do).
+            let mut to = format!("{}/", req.uri().path());
+            if let Some(q) = req.uri().query() {
+                to.push('?');
+                to.push_str(q);
             }
-            path.join("index.html")
+            return redirect(&to);
         }
-        Ok(_) => path,
-        Err(_) if segments.last().is_none_or(|s| !s.contains('.')) => root.join("index.html"),
-        Err(_) => return Err(ProxyError::NotFound),
     };
-    let (file, meta) = open_inside(root, &file).await?;
     let validators = Validators::of(&meta);
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -113,26 +109,50 @@ impl std::ops::Deref for Opened {
     }
 }
 
+// Built once per request and moved once: boxing the big variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    File(Opened, std::fs::Metadata),
+    DirectoryWithoutSlash,
+}
+
+/// Blocking: finds what `segments` name below `root` (a file, a directory's `index.html`, or
+/// the SPA fallback) and opens it.
+fn locate(root: &Path, segments: &[String], is_dir_url: bool) -> Result<Found, ProxyError> {
+    let mut path = root.to_path_buf();
+    path.extend(segments);
+    let file = match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() && !is_dir_url => return Ok(Found::DirectoryWithoutSlash),
+        Ok(meta) if meta.is_dir() => path.join("index.html"),
+        Ok(_) => path,
+        Err(_) if segments.last().is_none_or(|s| !s.contains('.')) => root.join("index.html"),
+        Err(_) => return Err(ProxyError::NotFound),
+    };
+    let (file, meta) = open_inside(root, &file)?;
+    Ok(Found::File(file, meta))
+}
+
 /// Opens `path` only if, with every symlink resolved, it is a regular file inside `root`.
-async fn open_inside(root: &Path, path: &Path) -> Result<(Opened, std::fs::Metadata), ProxyError> {
-    let real = tokio::fs::canonicalize(path)
-        .await
-        .map_err(|_| ProxyError::NotFound)?;
-    let root = tokio::fs::canonicalize(root)
-        .await
-        .map_err(|_| ProxyError::NotFound)?;
+/// The root is resolved per request too, so a symlinked root swapped by a deploy is followed.
+fn open_inside(root: &Path, path: &Path) -> Result<(Opened, std::fs::Metadata), ProxyError> {
+    let real = std::fs::canonicalize(path).map_err(|_| ProxyError::NotFound)?;
+    let root = std::fs::canonicalize(root).map_err(|_| ProxyError::NotFound)?;
     if !real.starts_with(&root) {
         tracing::warn!(path = %path.display(), "static file resolves outside the root; refused");
         return Err(ProxyError::NotFound);
     }
-    let handle = tokio::fs::File::open(&real)
-        .await
-        .map_err(|_| ProxyError::NotFound)?;
-    let meta = handle.metadata().await.map_err(|_| ProxyError::NotFound)?;
+    let handle = std::fs::File::open(&real).map_err(|_| ProxyError::NotFound)?;
+    let meta = handle.metadata().map_err(|_| ProxyError::NotFound)?;
     if !meta.is_file() {
         return Err(ProxyError::NotFound);
     }
-    Ok((Opened { handle, path: real }, meta))
+    Ok((
+        Opened {
+            handle: tokio::fs::File::from_std(handle),
+            path: real,
+        },
+        meta,
+    ))
 }
 
 struct Validators {
