@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::calls::CallStatus;
-use crate::calls::live::CallEvent;
+use crate::calls::session::CallEvent;
 use crate::calls::manager::{CallError, CreateCallRequest};
 use crate::store::calls::{self, Call, Cursor, ListQuery, Scope};
 use crate::store::tenants;
@@ -161,7 +161,7 @@ async fn events(
         s.store().run(move |c| calls::get(c, scope, &id)).await?
     };
     let live = (!call.status.is_terminal()).then(|| s.calls().live.get_or_create(&id));
-    let rx = live.as_ref().map(|l| l.events.subscribe());
+    let rx = live.as_ref().map(|l| l.subscribe());
     let (history, transcript, call) = {
         let id = id.clone();
         s.store()

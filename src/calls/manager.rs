@@ -12,11 +12,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::CallStatus;
-use std::sync::Mutex;
 
-use tokio::task::JoinHandle;
-
-use super::live::{CallEvent, Registry};
+use super::session::{BridgeGuard, CallEvent, Sessions};
 use crate::config::{Config, EngineKind, HumanDuration};
 use crate::engines::breaker::{Breakers, State as BreakerState};
 use crate::engines::ultravox::UltravoxClient;
@@ -79,19 +76,15 @@ pub struct CallManager {
     config: std::sync::RwLock<Arc<Config>>,
     twilio: TwilioClient,
     ultravox: UltravoxClient,
-    pub live: Registry,
+    pub live: Sessions,
     pub breakers: Arc<Breakers>,
     pub metrics: Arc<Metrics>,
-    /// Engine sessions opened while the phone rings, claimed by the media stream.
-    prewarmed: Mutex<HashMap<String, JoinHandle<Result<Engine, EngineError>>>>,
     dial_wake: Notify,
     outbox_wake: Notify,
     draining: AtomicBool,
     shutdown: CancellationToken,
     /// Cancelled when the drain time is up: bridges say goodbye and hang up.
     wind_down: CancellationToken,
-    /// Calls whose media currently runs through a bridge in this process.
-    bridged: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The stream token is random; only its hash is stored, and it is consumed on first use.
@@ -116,16 +109,14 @@ impl CallManager {
             config: std::sync::RwLock::new(config),
             twilio,
             ultravox,
-            live: Registry::default(),
+            live: Sessions::default(),
             breakers: Arc::new(Breakers::default()),
             metrics: Arc::new(Metrics::new()),
-            prewarmed: Mutex::new(HashMap::new()),
             dial_wake: Notify::new(),
             outbox_wake: Notify::new(),
             draining: AtomicBool::new(false),
             shutdown,
             wind_down: CancellationToken::new(),
-            bridged: Mutex::new(Default::default()),
         }))
     }
 
@@ -174,21 +165,12 @@ impl CallManager {
 
     /// Calls whose media runs through a bridge in this process now.
     pub fn bridged_count(&self) -> usize {
-        self.bridged_lock().len()
-    }
-
-    fn bridged_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        // Set operations only; poison cannot leave it inconsistent.
-        self.bridged.lock().unwrap_or_else(|p| p.into_inner())
+        self.live.bridged_count()
     }
 
     /// A bridge started serving call `id`; the guard marks its end.
-    pub fn bridge_started(self: &Arc<Self>, id: &str) -> BridgeGuard {
-        self.bridged_lock().insert(id.to_owned());
-        BridgeGuard {
-            m: self.clone(),
-            id: id.to_owned(),
-        }
+    pub fn bridge_started(&self, id: &str) -> BridgeGuard {
+        self.live.bridge_started(self.live.get_or_create(id))
     }
 
     /// Graceful stop: no new dialing (queued calls stay queued, and new API calls are
@@ -213,11 +195,13 @@ impl CallManager {
             self.wind_down.cancel();
             // Calls without a bridge here (ringing, or media straight to Ultravox) are ended
             // through Twilio.
-            let bridged = self.bridged_lock().clone();
             if let Ok(active) = self.store.run(|c| calls::active(c, Scope::All)).await {
                 for call in active {
                     if call.status != CallStatus::Queued
-                        && !bridged.contains(call.id.as_str())
+                        && !self
+                            .live
+                            .get(call.id.as_str())
+                            .is_some_and(|s| s.is_bridged())
                         && let Err(e) = self.end(Scope::All, call.id.as_str(), "shutdown").await
                     {
                         tracing::warn!(call_id = %call.id, error = %e, "cannot end call at shutdown");
@@ -629,7 +613,6 @@ impl CallManager {
                         self.metrics.call_duration.observe(d as f64);
                     }
                     self.live.finish(id, ev);
-                    self.drop_prewarmed(id);
                     self.dial_wake.notify_one();
                     self.outbox_wake.notify_one();
                 } else {
@@ -686,7 +669,7 @@ impl CallManager {
         }
         // Stop our side of the media at once; Twilio's callback confirms the end.
         if let Some(live) = self.live.get(id) {
-            live.end.cancel();
+            live.end_token().cancel();
         }
         if let Some(sid) = &call.twilio_call_sid {
             let answered = call.status == CallStatus::InProgress;
@@ -948,29 +931,13 @@ impl CallManager {
             tracing::debug!(call_id = %cid, ms = started.elapsed().as_millis() as u64, ok = r.is_ok(), "engine pre-warmed");
             r
         });
-        if let Some(old) = self.prewarmed_lock().insert(id.to_owned(), handle) {
-            old.abort();
-        }
-    }
-
-    fn prewarmed_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<Result<Engine, EngineError>>>> {
-        // Map operations only; poison cannot leave it inconsistent.
-        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn drop_prewarmed(&self, id: &str) {
-        if let Some(h) = self.prewarmed_lock().remove(id) {
-            // Aborting drops a finished session too, which closes its socket.
-            h.abort();
-        }
+        self.live.get_or_create(id).set_prewarm(handle);
     }
 
     /// The engine for a starting media stream: the pre-warmed session if there is one,
     /// else a fresh one. Outcomes feed the engine's circuit breaker.
     pub async fn take_engine(&self, id: &str, setup: CallSetup) -> Result<Engine, EngineError> {
-        let pre = self.prewarmed_lock().remove(id);
+        let pre = self.live.get(id).and_then(|s| s.take_prewarm());
         let result = match pre {
             Some(h) => match h.await {
                 Ok(r) => r,
@@ -1170,18 +1137,6 @@ impl CallManager {
             tracing::warn!(calls = n, "closed calls interrupted by a restart");
         }
         Ok(n)
-    }
-}
-
-/// Removes a call from the bridged set when its bridge ends.
-pub struct BridgeGuard {
-    m: Arc<CallManager>,
-    id: String,
-}
-
-impl Drop for BridgeGuard {
-    fn drop(&mut self) {
-        self.m.bridged_lock().remove(&self.id);
     }
 }
 

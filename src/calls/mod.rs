@@ -2,8 +2,8 @@
 //! manager, live fan-out, and the tenant-webhook outbox.
 
 pub mod jobs;
-pub mod live;
 pub mod manager;
+pub mod session;
 
 use serde::{Deserialize, Serialize};
 

@@ -16,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::calls::CallStatus;
-use crate::calls::live::CallEvent;
+use crate::calls::session::CallEvent;
 use crate::calls::manager::{CallManager, token_hash};
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ids::CallId;
@@ -304,7 +304,7 @@ impl Bridge {
         let max_duration = setup.max_duration;
         let silence_timeout = cfg.agent.silence_timeout.0;
         let live = m.live.get_or_create(call_id.as_str());
-        let _bridged = m.bridge_started(call_id.as_str());
+        let _bridged = m.live.bridge_started(live.clone());
         let wind_down = m.wind_down_token().clone();
         let mut winding_down = false;
         m.apply(
@@ -360,7 +360,7 @@ impl Bridge {
         let mut max_duration_hit = false;
 
         // Created once, not per loop turn: each `cancelled()` registers a waiter under a lock.
-        let ended = live.end.cancelled();
+        let ended = live.end_token().cancelled();
         tokio::pin!(ended);
         let winding = wind_down.cancelled();
         tokio::pin!(winding);

@@ -1,0 +1,184 @@
+//! One in-memory entry per call in flight: its event stream (SSE followers), its end signal
+//! (`POST /calls/{id}/end`, governors, shutdown), the engine session opened while the phone
+//! rings, and whether a bridge in this process serves its media. The database stays the
+//! source of truth; this only fans out what was just written there.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::engines::{Engine, EngineError};
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CallEvent {
+    Status {
+        status: crate::calls::CallStatus,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        end_reason: Option<String>,
+    },
+    Transcript {
+        speaker: &'static str,
+        text: String,
+        at_ms: i64,
+    },
+}
+
+/// An engine session being opened while the phone rings.
+pub type Prewarm = JoinHandle<Result<Engine, EngineError>>;
+
+pub struct Session {
+    events: broadcast::Sender<CallEvent>,
+    /// Cancelled to end the call's media session (the reason is recorded before).
+    end: CancellationToken,
+    prewarmed: Mutex<Option<Prewarm>>,
+    bridged: AtomicBool,
+}
+
+impl Session {
+    fn new() -> Self {
+        Self {
+            // The buffer is allocated up front (~90 bytes a slot) for every live call; events
+            // come at speech pace and followers drain them at once, so 32 is ample (a
+            // follower that lags further skips ahead; the database has all).
+            events: broadcast::channel(32).0,
+            end: CancellationToken::new(),
+            prewarmed: Mutex::new(None),
+            bridged: AtomicBool::new(false),
+        }
+    }
+
+    pub fn events(&self) -> &broadcast::Sender<CallEvent> {
+        &self.events
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<CallEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn end_token(&self) -> &CancellationToken {
+        &self.end
+    }
+
+    pub fn is_bridged(&self) -> bool {
+        self.bridged.load(Ordering::SeqCst)
+    }
+
+    fn prewarm_lock(&self) -> std::sync::MutexGuard<'_, Option<Prewarm>> {
+        // A plain slot swap; poison cannot leave it inconsistent.
+        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `handle` as the call's pre-warmed engine (aborting an earlier one).
+    pub fn set_prewarm(&self, handle: Prewarm) {
+        if let Some(old) = self.prewarm_lock().replace(handle) {
+            old.abort();
+        }
+    }
+
+    pub fn take_prewarm(&self) -> Option<Prewarm> {
+        self.prewarm_lock().take()
+    }
+
+    fn drop_prewarm(&self) {
+        if let Some(h) = self.take_prewarm() {
+            // Aborting drops a finished session too, which closes its socket.
+            h.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    calls: Mutex<HashMap<String, Arc<Session>>>,
+    /// Bridges running in this process, including ones still flushing after their call's
+    /// record closed (a provider callback can close it while the bridge writes).
+    bridges: Arc<AtomicUsize>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        // Holders never panic mid-update (plain map operations), so poison is harmless.
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get_or_create(&self, id: &str) -> Arc<Session> {
+        self.lock()
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(Session::new()))
+            .clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn publish(&self, id: &str, ev: CallEvent) {
+        if let Some(c) = self.get(id) {
+            let _ = c.events.send(ev);
+        }
+    }
+
+    /// The call reached a terminal state: tell followers, end its media, drop a pre-warmed
+    /// engine, then forget it (dropping the sender ends followers' streams).
+    pub fn finish(&self, id: &str, ev: CallEvent) {
+        if let Some(c) = self.lock().remove(id) {
+            let _ = c.events.send(ev);
+            c.end.cancel();
+            c.drop_prewarm();
+        }
+    }
+
+    /// Ends every follower stream (shutdown): nothing more will be published.
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+
+    /// Forgets a call without announcing anything (followers' streams end).
+    pub fn discard(&self, id: &str) {
+        if let Some(c) = self.lock().remove(id) {
+            c.drop_prewarm();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A bridge started serving `session`; the guard marks its end.
+    pub fn bridge_started(&self, session: Arc<Session>) -> BridgeGuard {
+        session.bridged.store(true, Ordering::SeqCst);
+        self.bridges.fetch_add(1, Ordering::SeqCst);
+        BridgeGuard {
+            session,
+            bridges: self.bridges.clone(),
+        }
+    }
+
+    /// Bridges running in this process now.
+    pub fn bridged_count(&self) -> usize {
+        self.bridges.load(Ordering::SeqCst)
+    }
+}
+
+/// Clears the session's bridged flag when its bridge ends.
+pub struct BridgeGuard {
+    session: Arc<Session>,
+    bridges: Arc<AtomicUsize>,
+}
+
+impl Drop for BridgeGuard {
+    fn drop(&mut self) {
+        self.session.bridged.store(false, Ordering::SeqCst);
+        self.bridges.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,86 @@
+//! What every part of the call domain shares: the store, the configuration in force, the
+//! provider clients, the per-call sessions, health handles and the wake-up signals. Each
+//! child of `calls` adds its own `impl Shared` block; the facade in `mod.rs` only delegates.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::session::Sessions;
+use crate::config::Config;
+use crate::engines::breaker::Breakers;
+use crate::engines::ultravox::UltravoxClient;
+use crate::ops::metrics::Metrics;
+use crate::store::Store;
+use crate::telephony::Carrier;
+
+/// Wake-ups between the workers: the lifecycle frees capacity and produces jobs, the dialer
+/// and the job runner sleep until told (or until their poll interval).
+#[derive(Default)]
+pub struct Wakers {
+    pub dial: Notify,
+    pub jobs: Notify,
+}
+
+pub struct Shared {
+    pub store: Store,
+    /// Swapped whole by a reload (SIGHUP); each call keeps the snapshot it started with.
+    config: RwLock<Arc<Config>>,
+    pub carrier: Carrier,
+    pub ultravox: UltravoxClient,
+    pub sessions: Sessions,
+    pub breakers: Arc<Breakers>,
+    pub metrics: Arc<Metrics>,
+    pub wake: Wakers,
+    draining: AtomicBool,
+    pub shutdown: CancellationToken,
+    /// Cancelled when the drain time is up: bridges say goodbye and hang up.
+    pub wind_down: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let carrier = Carrier::from_config(&config)?;
+        let ultravox = UltravoxClient::new(&config.ultravox)?;
+        Ok(Self {
+            store,
+            config: RwLock::new(config),
+            carrier,
+            ultravox,
+            sessions: Sessions::default(),
+            breakers: Arc::new(Breakers::default()),
+            metrics: Arc::new(Metrics::new()),
+            wake: Wakers::default(),
+            draining: AtomicBool::new(false),
+            shutdown,
+            wind_down: CancellationToken::new(),
+        })
+    }
+
+    /// The configuration now in force (a snapshot: a reload swaps in a new one).
+    pub fn config(&self) -> Arc<Config> {
+        // A poisoned lock still holds a whole, valid Arc.
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn replace_config(&self, config: Arc<Config>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
