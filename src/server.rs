@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::calls::manager::CallManager;
+use crate::calls::Calls;
 use crate::config::{Config, TlsMode};
 use crate::edge;
 use crate::ops;
@@ -143,7 +143,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     )?;
 
     let shutdown = CancellationToken::new();
-    let manager = CallManager::new(store, config.clone(), shutdown.clone())?;
+    let manager = Calls::new(store, config.clone(), shutdown.clone())?;
     manager
         .recover()
         .await
@@ -152,10 +152,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     // TLS: the stored certificate (or a self-signed stand-in) is served from the first
     // handshake; issuance runs in the background once the listeners are up.
     let tls = if tls_on {
-        Some(
-            crate::tls::Tls::new(&config, Some(manager.metrics.clone()))
-                .context("setting up TLS")?,
-        )
+        Some(crate::tls::Tls::new(&config, Some(manager.metrics())).context("setting up TLS")?)
     } else {
         None
     };

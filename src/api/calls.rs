@@ -14,8 +14,7 @@ use serde_json::{Value, json};
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::calls::CallStatus;
-use crate::calls::session::CallEvent;
-use crate::calls::manager::{CallError, CreateCallRequest};
+use crate::calls::{CallError, CallEvent, CreateCallRequest};
 use crate::store::calls::{self, Call, Cursor, ListQuery, Scope};
 use crate::store::tenants;
 use crate::timefmt;
@@ -35,6 +34,7 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::Store(s) => s.into(),
+            CallError::Invalid { field, message } => ApiError::bad_request(&field, message),
             CallError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", m)
             }
@@ -160,7 +160,7 @@ async fn events(
         let id = id.clone();
         s.store().run(move |c| calls::get(c, scope, &id)).await?
     };
-    let live = (!call.status.is_terminal()).then(|| s.calls().live.get_or_create(&id));
+    let live = (!call.status.is_terminal()).then(|| s.calls().follow(&id));
     let rx = live.as_ref().map(|l| l.subscribe());
     let (history, transcript, call) = {
         let id = id.clone();
@@ -176,7 +176,7 @@ async fn events(
     };
     if call.status.is_terminal() && live.is_some() {
         // It ended between our two reads: the entry we made will never be finished.
-        s.calls().live.discard(&id);
+        s.calls().unfollow(&id);
     }
     let mut backlog: Vec<(i64, CallEvent)> = Vec::new();
     let created = call.created_ms;

@@ -23,7 +23,7 @@ use tracing::Instrument;
 pub use auth::Auth;
 pub use error::ApiError;
 
-use crate::calls::manager::CallManager;
+use crate::calls::Calls;
 use crate::config::Config;
 use crate::store::Store;
 
@@ -35,7 +35,7 @@ pub struct Inner {
     pub store: Store,
     pub started: Instant,
     draining: AtomicBool,
-    calls: Arc<CallManager>,
+    calls: Arc<Calls>,
     ops: crate::ops::Ops,
     proxy: Arc<crate::proxy::Proxy>,
     /// Set by `serve` when TLS is on: readiness and `/api/v1/tls/*` consult it.
@@ -46,17 +46,17 @@ impl AppState {
     /// State with a call manager whose background workers are not started (tests that only
     /// exercise the HTTP surface). `serve` uses [`AppState::with_manager`].
     pub fn new(store: Store, config: Arc<Config>) -> Self {
-        let calls = CallManager::new(store.clone(), config.clone(), Default::default())
+        let calls = Calls::new(store.clone(), config.clone(), Default::default())
             // Only fails if the HTTP client cannot be built (no TLS backend): a build defect.
             .expect("HTTP client");
         Self::with_manager(calls)
     }
 
     /// State around a call manager, which holds the store and the configuration.
-    pub fn with_manager(calls: Arc<CallManager>) -> Self {
+    pub fn with_manager(calls: Arc<Calls>) -> Self {
         let config = calls.config();
         let store = calls.store().clone();
-        let ops = crate::ops::Ops::with_metrics(&config, calls.metrics.clone());
+        let ops = crate::ops::Ops::with_metrics(&config, calls.metrics());
         let proxy = Arc::new(crate::proxy::Proxy::from_config(&config));
         Self(Arc::new(Inner {
             store,
@@ -78,7 +78,7 @@ impl AppState {
         self.0.tls.get()
     }
 
-    pub fn calls(&self) -> &Arc<CallManager> {
+    pub fn calls(&self) -> &Arc<Calls> {
         &self.0.calls
     }
 

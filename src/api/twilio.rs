@@ -13,7 +13,7 @@ use super::error::Path;
 use super::{ApiError, AppState};
 use crate::ids::CallId;
 use crate::ops::net::ClientIp;
-use crate::telephony::twilio::signature;
+use crate::telephony::twilio::{signature, twiml as render, webhook};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -79,7 +79,8 @@ async fn signed_form(
     Ok(params)
 }
 
-fn twiml(xml: String) -> Response {
+fn twiml(script: crate::telephony::Script) -> Response {
+    let xml = render::render(&script);
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
 }
 
@@ -94,7 +95,9 @@ async fn voice(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let params = signed_form(&s, &uri, &headers, &body).await?;
-    Ok(twiml(s.calls().inbound(&params).await))
+    Ok(twiml(
+        s.calls().inbound(webhook::inbound_call(&params)).await,
+    ))
 }
 
 async fn answer(
@@ -106,7 +109,11 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let params = signed_form(&s, &uri, &headers, &body).await?;
     let id = call_id(&id)?;
-    Ok(twiml(s.calls().answer(id.as_str(), &params).await))
+    Ok(twiml(
+        s.calls()
+            .answer(id.as_str(), webhook::answer_update(&params))
+            .await,
+    ))
 }
 
 async fn status(
@@ -129,9 +136,10 @@ async fn status(
         tracing::warn!(call_id = %id, "status callback for an unknown call");
         return Err(ApiError::not_found("call"));
     }
-    if !s.calls().status_callback(id.as_str(), &params).await {
+    let Some(update) = webhook::status_update(&params) else {
         return Err(ApiError::bad_request("CallStatus", "missing or unknown"));
-    }
+    };
+    s.calls().carrier_update(id.as_str(), update).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -144,12 +152,9 @@ async fn amd(
 ) -> Result<StatusCode, ApiError> {
     let params = signed_form(&s, &uri, &headers, &body).await?;
     let id = call_id(&id)?;
-    let answered_by = params
-        .iter()
-        .find(|(k, _)| k == "AnsweredBy")
-        .map(|(_, v)| v.clone())
+    let update = webhook::amd_update(&params)
         .ok_or_else(|| ApiError::bad_request("AnsweredBy", "missing"))?;
-    s.calls().amd_callback(id.as_str(), &answered_by).await;
+    s.calls().carrier_update(id.as_str(), update).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::manager::CallManager;
+use super::shared::Shared;
 use crate::store::calls::{self, Scope};
 use crate::store::jobs::{self, Job};
 use crate::store::{StoreError, tenants};
@@ -40,7 +40,19 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 /// How often a live call with no callbacks coming is checked with Twilio.
 pub const RECONCILE_EVERY_MS: i64 = 30_000;
 
-pub async fn run(m: Arc<CallManager>) {
+/// Queues a check with the carrier at `at` for call `id` (once per call).
+pub fn schedule_reconcile(c: &rusqlite::Connection, id: &str, at: i64) -> Result<(), StoreError> {
+    jobs::enqueue(
+        c,
+        "reconcile",
+        Some(id),
+        None,
+        &format!("reconcile:{id}"),
+        at,
+    )
+}
+
+pub async fn run(m: Arc<Shared>) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .user_agent(concat!("voicectl/", env!("CARGO_PKG_VERSION")))
@@ -54,10 +66,10 @@ pub async fn run(m: Arc<CallManager>) {
     };
     loop {
         loop {
-            if m.shutdown_token().is_cancelled() {
+            if m.shutdown.is_cancelled() {
                 return;
             }
-            match m.store().run(|c| jobs::next_due(c)).await {
+            match m.store.run(|c| jobs::next_due(c)).await {
                 Ok(Some(job)) => {
                     let id = job.id;
                     let outcome = match job.kind.as_str() {
@@ -76,14 +88,14 @@ pub async fn run(m: Arc<CallManager>) {
                 }
             }
         }
-        let wait = match m.store().run(|c| jobs::next_run_at(c)).await {
+        let wait = match m.store.run(|c| jobs::next_run_at(c)).await {
             Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(10, 2_000) as u64),
             _ => Duration::from_secs(2),
         };
         tokio::select! {
-            _ = m.outbox_wake().notified() => {}
+            _ = m.wake.jobs.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = m.shutdown_token().cancelled() => return,
+            _ = m.shutdown.cancelled() => return,
         }
     }
 }
@@ -95,18 +107,18 @@ enum Next {
     Later(i64),
 }
 
-async fn record(m: &CallManager, job: &Job, outcome: Result<Next, String>) {
+async fn record(m: &Shared, job: &Job, outcome: Result<Next, String>) {
     let (id, attempts) = (job.id, job.attempts + 1);
     let res = match outcome {
-        Ok(Next::Done) => m.store().run(move |c| jobs::done(c, id)).await,
-        Ok(Next::Later(at)) => m.store().run(move |c| jobs::snooze(c, id, at)).await,
+        Ok(Next::Done) => m.store.run(move |c| jobs::done(c, id)).await,
+        Ok(Next::Later(at)) => m.store.run(move |c| jobs::snooze(c, id, at)).await,
         Err(e) => {
             let next = (attempts < MAX_ATTEMPTS).then(|| {
                 // 5 s, 10 s, 20 s … capped at 1 h between attempts.
                 now_ms() + (5_000i64 << (attempts - 1).min(20)).min(3_600_000)
             });
             tracing::warn!(job = %job.kind, call_id = ?job.call_id, attempts, error = %e, gave_up = next.is_none(), "job failed");
-            m.store().run(move |c| jobs::retry(c, id, next, &e)).await
+            m.store.run(move |c| jobs::retry(c, id, next, &e)).await
         }
     };
     if let Err(e) = res {
@@ -114,7 +126,7 @@ async fn record(m: &CallManager, job: &Job, outcome: Result<Next, String>) {
     }
 }
 
-async fn deliver(m: &CallManager, http: &reqwest::Client, job: &Job) -> Result<Next, String> {
+async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, String> {
     let (Some(call_id), Some(tenant_id)) = (job.call_id.clone(), job.tenant_id) else {
         return Ok(Next::Done);
     };
@@ -123,7 +135,7 @@ async fn deliver(m: &CallManager, http: &reqwest::Client, job: &Job) -> Result<N
         .clone()
         .unwrap_or_else(|| format!("job:{}", job.id));
     let loaded = m
-        .store()
+        .store
         .run(move |c| {
             let tenant = tenants::get_by_id(c, tenant_id)?;
             let call = calls::get(c, Scope::All, &call_id)?;
@@ -172,13 +184,13 @@ async fn deliver(m: &CallManager, http: &reqwest::Client, job: &Job) -> Result<N
     }
 }
 
-async fn ultravox_transcript(m: &CallManager, job: &Job) -> Result<Next, String> {
+async fn ultravox_transcript(m: &Shared, job: &Job) -> Result<Next, String> {
     let Some(call_id) = job.call_id.clone() else {
         return Ok(Next::Done);
     };
     let cid = call_id.clone();
     let Some(uv_id) = m
-        .store()
+        .store
         .run(move |c| calls::engine_call_id(c, &cid))
         .await
         .map_err(|e| e.to_string())?
@@ -186,13 +198,13 @@ async fn ultravox_transcript(m: &CallManager, job: &Job) -> Result<Next, String>
         return Ok(Next::Done);
     };
     let entries = m
-        .ultravox()
+        .ultravox
         .transcript(&uv_id)
         .await
         .map_err(|e| e.to_string())?;
     let n = entries.len();
     let tenant_id = job.tenant_id;
-    m.store()
+    m.store
         .run(move |c| {
             // Replace rather than append, so a retried job cannot duplicate lines.
             c.execute(
@@ -208,20 +220,16 @@ async fn ultravox_transcript(m: &CallManager, job: &Job) -> Result<Next, String>
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(call_id = ?job.call_id, lines = n, "stored Ultravox transcript");
-    m.outbox_wake().notify_one();
+    m.wake.jobs.notify_one();
     Ok(Next::Done)
 }
 
-async fn reconcile(m: &CallManager, job: &Job) -> Result<Next, String> {
+async fn reconcile(m: &Shared, job: &Job) -> Result<Next, String> {
     let Some(call_id) = job.call_id.clone() else {
         return Ok(Next::Done);
     };
     let cid = call_id.clone();
-    let call = match m
-        .store()
-        .run(move |c| calls::get(c, Scope::All, &cid))
-        .await
-    {
+    let call = match m.store.run(move |c| calls::get(c, Scope::All, &cid)).await {
         Ok(c) => c,
         Err(StoreError::NotFound(_)) => return Ok(Next::Done),
         Err(e) => return Err(e.to_string()),

@@ -1,11 +1,168 @@
-//! The call domain: typed states and the rules for moving between them, the lifecycle
-//! manager, live fan-out, and the tenant-webhook outbox.
+//! The call domain. [`Calls`] is the one entry point for the HTTP handlers and `serve`; its
+//! children each own one job:
+//!
+//! * `intake`: `POST /calls` checked into a typed new call and persisted (queued)
+//! * `dialer`: queue, capacity, pacing, claims, the carrier's create-call
+//! * `answer`: what the carrier does with an answered or incoming call (a [`Script`])
+//! * `lifecycle`: state changes, ends, reconciliation, recovery, drain
+//! * `setup`: call -> tenant -> config resolution, and the engine session
+//! * `session`: the per-call in-memory entry (events, end signal, pre-warm, bridged)
+//! * `jobs`: the durable job runner (tenant webhooks, Ultravox transcripts, reconciliation)
+//!
+//! Children share `shared::Shared` and never import from this file's facade.
 
+mod answer;
+mod dialer;
+mod error;
+mod intake;
 pub mod jobs;
-pub mod manager;
+mod lifecycle;
+pub mod phrases;
 pub mod session;
+mod setup;
+pub(crate) mod shared;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use answer::token_hash;
+pub use dialer::TIME_LIMIT_GRACE_SECS;
+pub use error::CallError;
+pub use intake::{CreateCallRequest, NewCall};
+pub use session::{CallEvent, Session};
+pub use setup::CallSetup;
+
+use crate::config::Config;
+use crate::ops::metrics::Metrics;
+use crate::store::calls::{Call, Scope};
+use crate::store::{Store, StoreError};
+use crate::telephony::{CarrierUpdate, InboundCall, Script};
+use shared::Shared;
+
+/// The call service. Cheap to share (`Arc`); all state lives behind it.
+pub struct Calls {
+    s: Arc<Shared>,
+}
+
+impl Calls {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            s: Arc::new(Shared::new(store, config, shutdown)?),
+        }))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.s
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.s.store
+    }
+
+    /// The configuration now in force (a snapshot: a reload swaps in a new one).
+    pub fn config(&self) -> Arc<Config> {
+        self.s.config()
+    }
+
+    /// Puts a reloaded configuration in force for new calls and requests.
+    pub fn replace_config(&self, config: Arc<Config>) {
+        self.s.replace_config(config)
+    }
+
+    /// The metric handles the call path updates (shared with the HTTP layer and TLS).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.s.metrics.clone()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.s.is_draining()
+    }
+
+    /// Stop dialing: new calls stay queued (persisted) for the next start.
+    pub fn set_draining(&self) {
+        self.s.set_draining()
+    }
+
+    /// Calls whose media runs through a bridge in this process now.
+    pub fn bridged_count(&self) -> usize {
+        self.s.sessions.bridged_count()
+    }
+
+    /// Calls with an in-memory session (live, or followed).
+    pub fn session_count(&self) -> usize {
+        self.s.sessions.len()
+    }
+
+    /// Starts the background workers: the dialer and the job runner.
+    pub fn spawn_workers(&self) {
+        tokio::spawn(dialer::run(self.s.clone()));
+        tokio::spawn(jobs::run(self.s.clone()));
+    }
+
+    /// See [`Shared::drain`](shared::Shared).
+    pub async fn drain(&self, timeout: Duration, force: CancellationToken) {
+        self.s.drain(timeout, force).await
+    }
+
+    /// Closes calls interrupted by the previous process's end.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        self.s.recover().await
+    }
+
+    /// `POST /calls`: validates and persists an outbound call (queued), then wakes the
+    /// dialer. Returns the call and whether it was created now (false: an idempotent replay).
+    pub async fn create(
+        &self,
+        scope: Scope,
+        req: CreateCallRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<(Call, bool), CallError> {
+        let new = NewCall::validate(req, idempotency_key)?;
+        self.s.create(scope, new).await
+    }
+
+    /// `POST /calls/{id}/end`: cancel a queued call, or hang up / cancel at the carrier.
+    pub async fn end(
+        &self,
+        scope: Scope,
+        id: &str,
+        reason: &'static str,
+    ) -> Result<Call, CallError> {
+        self.s.end(scope, id, reason).await
+    }
+
+    /// The session to follow a live call's events on.
+    pub fn follow(&self, id: &str) -> Arc<Session> {
+        self.s.sessions.get_or_create(id)
+    }
+
+    /// Forgets a session made by [`Calls::follow`] for a call that turned out to be over.
+    pub fn unfollow(&self, id: &str) {
+        self.s.sessions.discard(id)
+    }
+
+    /// A call to one of our numbers (`None`: the carrier's request lacked a field).
+    pub async fn inbound(&self, call: Option<InboundCall>) -> Script {
+        self.s.inbound(call).await
+    }
+
+    /// Our outbound call `id` was answered.
+    pub async fn answer(&self, id: &str, update: CarrierUpdate) -> Script {
+        self.s.answer(id, update).await
+    }
+
+    /// The carrier reports on call `id` (status callback, answering-machine detection).
+    pub async fn carrier_update(&self, id: &str, update: CarrierUpdate) {
+        self.s.apply_update(id, update).await;
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use crate::calls::CallStatus;
 use crate::calls::session::CallEvent;
-use crate::calls::manager::{CallManager, token_hash};
+use crate::calls::shared::Shared;
+use crate::calls::{Calls, token_hash};
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ids::CallId;
 use crate::store::calls::{self, TranscriptEntry, Transition};
@@ -41,7 +42,8 @@ const POLICY: u16 = 1008;
 type Sink = WebSocket;
 
 /// Serves one media-stream WebSocket from `connected` to close.
-pub async fn serve(m: Arc<CallManager>, socket: WebSocket) {
+pub async fn serve(calls: Arc<Calls>, socket: WebSocket) {
+    let m = calls.shared().clone();
     let mut sink = socket;
     let start = match tokio::time::timeout(START_TIMEOUT, wait_for_start(&mut sink)).await {
         Ok(Some(s)) => s,
@@ -73,7 +75,7 @@ pub async fn serve(m: Arc<CallManager>, socket: WebSocket) {
     let hash = token_hash(&token);
     let cid = call_id.to_string();
     let valid = m
-        .store()
+        .store
         .run(move |c| calls::take_stream_token(c, &cid, &hash))
         .await;
     if !matches!(valid, Ok(true)) || !media::is_valid_stream_sid(&start.stream_sid) {
@@ -234,7 +236,7 @@ enum Silence {
 }
 
 struct Bridge {
-    m: Arc<CallManager>,
+    m: Arc<Shared>,
     call_id: CallId,
     stream_sid: String,
     inbound: bool,
@@ -287,7 +289,7 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 impl Bridge {
-    async fn run(m: Arc<CallManager>, call_id: CallId, start: media::Start, sink: Sink) {
+    async fn run(m: Arc<Shared>, call_id: CallId, start: media::Start, sink: Sink) {
         let now = Instant::now();
         let setup = match m.call_setup(call_id.as_str()).await {
             Ok(s) => s,
@@ -303,9 +305,9 @@ impl Bridge {
         let kind = setup.kind;
         let max_duration = setup.max_duration;
         let silence_timeout = cfg.agent.silence_timeout.0;
-        let live = m.live.get_or_create(call_id.as_str());
-        let _bridged = m.live.bridge_started(live.clone());
-        let wind_down = m.wind_down_token().clone();
+        let live = m.sessions.get_or_create(call_id.as_str());
+        let _bridged = m.sessions.bridge_started(live.clone());
+        let wind_down = m.wind_down.clone();
         let mut winding_down = false;
         m.apply(
             call_id.as_str(),
@@ -443,7 +445,7 @@ impl Bridge {
                             Silence::Listening => {
                                 b.silence = Silence::Asked;
                                 b.quiet_since = now;
-                                let _ = engine.say("Are you still there?").await;
+                                let _ = engine.say(crate::calls::phrases::STILL_THERE).await;
                             }
                             Silence::Asked => {
                                 b.silence = Silence::Closing;
@@ -530,7 +532,7 @@ impl Bridge {
             }
             EngineEvent::Transcript { speaker, text } => {
                 let at_ms = self.started.elapsed().as_millis() as i64;
-                self.m.live.publish(
+                self.m.sessions.publish(
                     self.call_id.as_str(),
                     CallEvent::Transcript {
                         speaker: speaker.as_str(),
@@ -601,7 +603,7 @@ impl Bridge {
         let id = self.call_id.to_string();
         if let Err(e) = self
             .m
-            .store()
+            .store
             .run(move |c| calls::add_transcript(c, &id, &entries))
             .await
         {
@@ -633,7 +635,7 @@ impl Bridge {
         let lid = id.clone();
         if let Err(e) = self
             .m
-            .store()
+            .store
             .run(move |c| calls::set_latency(c, &lid, &latency))
             .await
         {
@@ -667,7 +669,7 @@ impl Bridge {
                 let eid = id.clone();
                 let _ = self
                     .m
-                    .store()
+                    .store
                     .run(move |c| {
                         c.execute(
                             "UPDATE calls SET error = COALESCE(error, ?1) WHERE id = ?2",
@@ -683,10 +685,10 @@ impl Bridge {
             let rid = id.clone();
             let _ = self
                 .m
-                .store()
+                .store
                 .run(move |c| {
                     c.execute("UPDATE jobs SET run_at = MIN(run_at, ?1) WHERE dedupe_key = ?2 AND state = 'pending'", rusqlite::params![at, format!("reconcile:{rid}")])?;
-                    crate::calls::manager::schedule_reconcile(c, &rid, at)
+                    crate::calls::jobs::schedule_reconcile(c, &rid, at)
                 })
                 .await;
         }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use voicectl::api::{AppState, app};
-use voicectl::calls::manager::CallManager;
+use voicectl::calls::Calls;
 use voicectl::config::{Config, EngineKind, Secret};
 use voicectl::store::{Store, keys, tenants};
 use voicectl::telephony::sim::{self, CallerScript, Scenario, SimConfig, SimHandle, Step};
@@ -27,7 +27,7 @@ pub struct Stack {
     pub base: String,
     pub key: String,
     pub store: Store,
-    pub manager: Arc<CallManager>,
+    pub manager: Arc<Calls>,
     pub shutdown: CancellationToken,
     pub http: reqwest::Client,
 }
@@ -94,7 +94,7 @@ pub async fn stack(opts: Opts) -> Stack {
     (opts.tweak)(&mut cfg);
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
-    let manager = CallManager::new(store.clone(), cfg.clone(), shutdown.clone()).unwrap();
+    let manager = Calls::new(store.clone(), cfg.clone(), shutdown.clone()).unwrap();
     manager.spawn_workers();
     let state = AppState::with_manager(manager.clone());
     let router = app(state);
@@ -305,7 +305,11 @@ async fn outbound_call_completes_with_transcript_and_signed_callbacks() {
         p.iter().any(|(k, v)| k == "TimeLimit" && v == "930"),
         "max_call_duration + grace"
     );
-    assert_eq!(s.manager.live.len(), 0, "no live-call state left behind");
+    assert_eq!(
+        s.manager.session_count(),
+        0,
+        "no live-call state left behind"
+    );
 }
 
 #[tokio::test]
@@ -750,7 +754,7 @@ async fn caller_hanging_up_mid_sentence_ends_cleanly() {
         1,
         "the agent's interrupted greeting is on record: {t:?}"
     );
-    assert_eq!(s.manager.live.len(), 0);
+    assert_eq!(s.manager.session_count(), 0);
 }
 
 /// A signed socket that sends `connected` and then nothing: closed with 1008 once the start
@@ -788,6 +792,6 @@ async fn media_socket_that_never_sends_start_is_closed() {
     };
     assert_eq!(u16::from(close.unwrap().code), 1008);
     assert!(started.elapsed() >= Duration::from_secs(9));
-    assert_eq!(s.manager.live.len(), 0);
+    assert_eq!(s.manager.session_count(), 0);
     assert_eq!(s.manager.bridged_count(), 0);
 }

@@ -135,7 +135,7 @@ async fn audio_round_trip(mode: Mode) {
         !call["latency"]["turn_ms"].as_array().unwrap().is_empty(),
         "{call}"
     );
-    assert_eq!(s.manager.live.len(), 0);
+    assert_eq!(s.manager.session_count(), 0);
 }
 
 #[tokio::test]
@@ -265,7 +265,7 @@ async fn realtime_failures_end_calls_cleanly_and_open_the_breaker() {
             (st.open == 0).then_some(())
         })
         .await;
-        assert_eq!(s.manager.live.len(), 0, "{fail:?}");
+        assert_eq!(s.manager.session_count(), 0, "{fail:?}");
     }
     // Consecutive failures open the breaker: new calls fail fast with 503.
     let rt = FakeRealtime::start(RealtimeOpts {
@@ -501,7 +501,7 @@ async fn a_stream_that_stops_sending_audio_is_ended() {
         (st.open == 0).then_some(())
     })
     .await;
-    assert_eq!(s.manager.live.len(), 0);
+    assert_eq!(s.manager.session_count(), 0);
 }
 
 /// The serverWebSocket medium: the audio runs through our bridge, transcoded μ-law ⇄ PCM at
@@ -571,7 +571,7 @@ async fn ultravox_server_websocket_runs_through_the_bridge() {
         call["latency"]["greeting_ms"].as_f64().is_some(),
         "latency measured through the bridge: {call}"
     );
-    assert_eq!(s.manager.live.len(), 0);
+    assert_eq!(s.manager.session_count(), 0);
 }
 
 #[tokio::test]

@@ -4,3 +4,4 @@ pub mod media;
 pub mod rest;
 pub mod signature;
 pub mod twiml;
+pub mod webhook;

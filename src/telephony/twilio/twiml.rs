@@ -1,5 +1,7 @@
 //! TwiML responses, always built with XML escaping (values come from tenants and callers).
 
+use crate::telephony::Script;
+
 /// Escapes text for XML content and attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -49,6 +51,19 @@ pub fn say_hangup(text: &str) -> String {
 /// Hang up at once.
 pub fn hangup() -> String {
     format!("{HEADER}<Response><Hangup/></Response>")
+}
+
+/// The TwiML for a carrier-neutral [`Script`].
+pub fn render(script: &Script) -> String {
+    match script {
+        Script::ConnectStream { url, params } => {
+            let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            connect_stream(url, &params)
+        }
+        Script::ConnectUrl { url } => connect_stream(url, &[]),
+        Script::SayHangup(text) => say_hangup(text),
+        Script::Hangup => hangup(),
+    }
 }
 
 #[cfg(test)]
