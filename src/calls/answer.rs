@@ -8,13 +8,17 @@ use sha2::{Digest, Sha256};
 
 use super::CallStatus;
 use super::phrases;
+use super::setup::CallSetup;
 use super::shared::Shared;
 use crate::config::EngineKind;
 use crate::ids::random_token;
-use crate::store::StoreError;
-use crate::store::calls::{self, Scope, Transition};
-use crate::store::tenants;
+use crate::store::callpath::{self, Answer, Inbound};
+use crate::store::calls::{self, Transition};
 use crate::telephony::{CarrierUpdate, InboundCall, Script};
+
+fn is_ultravox(engine: &str) -> bool {
+    EngineKind::parse(engine) == Some(EngineKind::Ultravox)
+}
 
 /// The stream token is random; only its hash is stored, and it is consumed on first use.
 pub fn token_hash(token: &str) -> [u8; 32] {
@@ -24,26 +28,41 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 impl Shared {
     /// Our outbound call `id` was answered.
     pub async fn answer(self: &Arc<Self>, id: &str, update: CarrierUpdate) -> Script {
+        let token = random_token(32);
+        let hash = token_hash(&token);
+        let direct = self.ultravox_direct();
+        let in_progress = update.status == Some(CallStatus::InProgress);
         let gid = id.to_owned();
-        let call = match self
+        let prepared = self
             .store
-            .run(move |c| calls::get(c, Scope::All, &gid))
-            .await
-        {
-            Ok(c) if !c.status.is_terminal() => c,
-            Ok(_) | Err(StoreError::NotFound(_)) => return Script::Hangup,
+            .run(move |c| {
+                callpath::prepare_answer(
+                    c,
+                    &gid,
+                    in_progress,
+                    |call| !(direct && is_ultravox(&call.engine)),
+                    &hash,
+                )
+            })
+            .await;
+        match prepared {
+            Ok(Answer::Over) => Script::Hangup,
+            Ok(Answer::Ready { changed, data }) => {
+                if let Some(call) = &changed {
+                    self.announce(call);
+                }
+                let data = *data;
+                let setup = CallSetup::resolve(data.detail, data.tenant, &self.config());
+                if direct && setup.kind == EngineKind::Ultravox {
+                    return self.ultravox_script(id, setup).await;
+                }
+                self.connect_stream(id, token, setup)
+            }
             Err(e) => {
                 tracing::error!(call_id = %id, error = %e, "answer webhook");
-                return Script::SayHangup(phrases::CANNOT_TAKE_THIS_CALL);
+                Script::SayHangup(phrases::CANNOT_TAKE_THIS_CALL)
             }
-        };
-        if update.status.is_some() {
-            self.apply_update(id, update).await;
         }
-        if self.straight_to_ultravox(&call.engine) {
-            return self.ultravox_script(id).await;
-        }
-        self.stream_script(id).await
     }
 
     /// A call to one of our numbers.
@@ -56,68 +75,45 @@ impl Shared {
         }
         let config = self.config();
         let max = config.server.max_concurrent_calls as i64;
+        let default_engine = config.agent.engine;
+        let direct = self.ultravox_direct();
+        let token = random_token(32);
+        let hash = token_hash(&token);
+        // Inbound calls get no status callbacks unless the operator set one up, so the call
+        // is also settled by asking the carrier while it lasts.
+        let reconcile_at = crate::timefmt::now_ms() + super::jobs::RECONCILE_EVERY_MS;
         let (to_c, from_c, sid_c) = (to.clone(), from.clone(), sid.clone());
         let result = self
             .store
             .run(move |c| {
-                if let Some(existing) = calls::id_by_sid(c, &sid_c)? {
-                    // The carrier retried the webhook: same call, new token.
-                    return Ok(Some(Ok(existing)));
-                }
-                let Some(tenant) = tenants::by_number(c, &to_c)? else {
-                    return Ok(None);
-                };
-                let (live, per) = calls::live_counts(c)?;
-                let tenant_live = per.get(&tenant.id).copied().unwrap_or(0);
-                if live >= max
-                    || tenant
-                        .max_concurrent_calls
-                        .is_some_and(|m| tenant_live >= m as i64)
-                {
-                    return Ok(Some(Err(tenant.name)));
-                }
-                let engine = tenant
-                    .engine
-                    .as_deref()
-                    .and_then(EngineKind::parse)
-                    .unwrap_or(config.agent.engine);
-                let call =
-                    calls::create_inbound(c, tenant.id, &to_c, &from_c, engine.as_str(), &sid_c)?;
-                Ok(Some(Ok(call.id.to_string())))
+                callpath::prepare_inbound(
+                    c,
+                    &to_c,
+                    &from_c,
+                    &sid_c,
+                    max,
+                    default_engine,
+                    reconcile_at,
+                    |call| !(direct && is_ultravox(&call.engine)),
+                    &hash,
+                )
             })
             .await;
         match result {
-            Ok(None) => {
+            Ok(Inbound::UnknownNumber) => {
                 tracing::warn!(to = %to, from = %from, call_sid = %sid, "inbound call to an unknown number");
                 Script::SayHangup(phrases::NOT_IN_SERVICE)
             }
-            Ok(Some(Err(tenant))) => {
+            Ok(Inbound::Full { tenant }) => {
                 tracing::warn!(tenant = %tenant, call_sid = %sid, "inbound call over capacity");
                 Script::SayHangup(phrases::LINES_BUSY)
             }
-            Ok(Some(Ok(id))) => {
+            Ok(Inbound::Ready { data }) => {
+                let id = data.detail.call.id.to_string();
                 tracing::info!(call_id = %id, call_sid = %sid, from = %from, to = %to, "inbound call");
-                // Inbound calls get no status callbacks unless the operator set one up, so
-                // the call is also settled by asking the carrier while it lasts.
-                let rid = id.clone();
-                let at = crate::timefmt::now_ms() + super::jobs::RECONCILE_EVERY_MS;
-                if let Err(e) = self
-                    .store
-                    .run(move |c| super::jobs::schedule_reconcile(c, &rid, at))
-                    .await
-                {
-                    tracing::error!(call_id = %id, error = %e, "cannot schedule reconciliation");
-                }
-                let gid = id.clone();
-                let engine = self
-                    .store
-                    .run(move |c| calls::get(c, Scope::All, &gid))
-                    .await
-                    .map(|c| c.engine);
-                if engine
-                    .as_deref()
-                    .is_ok_and(|e| self.straight_to_ultravox(e))
-                {
+                let data = *data;
+                let setup = CallSetup::resolve(data.detail, data.tenant, &config);
+                if direct && setup.kind == EngineKind::Ultravox {
                     if !self.breakers.admit(EngineKind::Ultravox) {
                         self.apply(
                             &id,
@@ -130,9 +126,9 @@ impl Shared {
                         .await;
                         return Script::SayHangup(phrases::TECHNICAL_DIFFICULTIES);
                     }
-                    return self.ultravox_script(&id).await;
+                    return self.ultravox_script(&id, setup).await;
                 }
-                self.stream_script(&id).await
+                self.connect_stream(&id, token, setup)
             }
             Err(e) => {
                 tracing::error!(error = %e, "inbound webhook");
@@ -143,21 +139,13 @@ impl Shared {
 
     /// Ultravox with its Twilio medium: the carrier streams to Ultravox, not through a
     /// bridge here.
-    fn straight_to_ultravox(&self, engine: &str) -> bool {
-        EngineKind::parse(engine) == Some(EngineKind::Ultravox)
-            && self.config().ultravox.medium == crate::config::UltravoxMedium::Twilio
+    fn ultravox_direct(&self) -> bool {
+        self.config().ultravox.medium == crate::config::UltravoxMedium::Twilio
     }
 
     /// Create the Ultravox call and connect the carrier's stream straight to its `joinUrl`.
     /// On failure the caller hears an apology, not dead air.
-    async fn ultravox_script(&self, id: &str) -> Script {
-        let setup = match self.call_setup(id).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(call_id = %id, error = %e, "cannot load call");
-                return Script::SayHangup(phrases::SOMETHING_WENT_WRONG);
-            }
-        };
+    async fn ultravox_script(&self, id: &str, setup: CallSetup) -> Script {
         let config = self.config();
         let voice = crate::engines::ultravox::voice_for(&setup.ctx.voice, &config);
         let req = crate::engines::ultravox::NewCall {
@@ -207,28 +195,13 @@ impl Shared {
         }
     }
 
-    /// Connect the call's media stream to us with a fresh single-use token, and pre-warm its
-    /// engine.
-    async fn stream_script(self: &Arc<Self>, id: &str) -> Script {
-        let token = random_token(32);
-        let hash = token_hash(&token);
-        let sid = id.to_owned();
-        match self
-            .store
-            .run(move |c| calls::set_stream_token(c, &sid, &hash))
-            .await
-        {
-            Ok(()) => {
-                self.prewarm(id, None);
-                Script::ConnectStream {
-                    url: self.config().media_url(),
-                    params: vec![("call_id", id.to_owned()), ("token", token)],
-                }
-            }
-            Err(e) => {
-                tracing::error!(call_id = %id, error = %e, "cannot prepare media stream");
-                Script::SayHangup(phrases::SOMETHING_WENT_WRONG)
-            }
+    /// Connect the call's media stream to us with its single-use token (stored), and
+    /// pre-warm its engine.
+    fn connect_stream(self: &Arc<Self>, id: &str, token: String, setup: CallSetup) -> Script {
+        self.prewarm(id, Some(setup));
+        Script::ConnectStream {
+            url: self.config().media_url(),
+            params: vec![("call_id", id.to_owned()), ("token", token)],
         }
     }
 

@@ -13,6 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::shared::Shared;
+use crate::store::callpath;
 use crate::store::calls::{self, Scope};
 use crate::store::jobs::{self, Job};
 use crate::store::{StoreError, tenants};
@@ -39,18 +40,6 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 
 /// How often a live call with no callbacks coming is checked with Twilio.
 pub const RECONCILE_EVERY_MS: i64 = 30_000;
-
-/// Queues a check with the carrier at `at` for call `id` (once per call).
-pub fn schedule_reconcile(c: &rusqlite::Connection, id: &str, at: i64) -> Result<(), StoreError> {
-    jobs::enqueue(
-        c,
-        "reconcile",
-        Some(id),
-        None,
-        &format!("reconcile:{id}"),
-        at,
-    )
-}
 
 pub async fn run(m: Arc<Shared>) {
     let http = match reqwest::Client::builder()
@@ -205,18 +194,7 @@ async fn ultravox_transcript(m: &Shared, job: &Job) -> Result<Next, String> {
     let n = entries.len();
     let tenant_id = job.tenant_id;
     m.store
-        .run(move |c| {
-            // Replace rather than append, so a retried job cannot duplicate lines.
-            c.execute(
-                "DELETE FROM transcript_entries WHERE call_id = ?1",
-                [&call_id],
-            )?;
-            calls::add_transcript(c, &call_id, &entries)?;
-            if let Some(t) = tenant_id {
-                calls::enqueue_webhook(c, &call_id, t)?;
-            }
-            Ok(())
-        })
+        .run(move |c| callpath::replace_transcript(c, &call_id, &entries, tenant_id))
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(call_id = ?job.call_id, lines = n, "stored Ultravox transcript");

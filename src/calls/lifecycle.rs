@@ -37,7 +37,7 @@ impl Shared {
     }
 
     /// Tells followers and workers about a state change already written.
-    pub(super) fn announce(&self, call: &Call) {
+    pub(crate) fn announce(&self, call: &Call) {
         let id = call.id.as_str();
         let ev = CallEvent::Status {
             status: call.status,

@@ -18,9 +18,10 @@ use tokio::time::Instant;
 use crate::calls::CallStatus;
 use crate::calls::session::CallEvent;
 use crate::calls::shared::Shared;
-use crate::calls::{Calls, token_hash};
+use crate::calls::{CallSetup, Calls, token_hash};
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ids::CallId;
+use crate::store::callpath;
 use crate::store::calls::{self, TranscriptEntry, Transition};
 use crate::telephony::twilio::media::{self, Event};
 
@@ -74,18 +75,35 @@ pub async fn serve(calls: Arc<Calls>, socket: WebSocket) {
     };
     let hash = token_hash(&token);
     let cid = call_id.to_string();
-    let valid = m
+    let sid_ok = media::is_valid_stream_sid(&start.stream_sid);
+    let attached = m
         .store
-        .run(move |c| calls::take_stream_token(c, &cid, &hash))
+        .run(move |c| {
+            if sid_ok {
+                callpath::attach_stream(c, &cid, &hash)
+            } else {
+                callpath::burn_stream_token(c, &cid, &hash).map(|()| None)
+            }
+        })
         .await;
-    if !matches!(valid, Ok(true)) || !media::is_valid_stream_sid(&start.stream_sid) {
-        tracing::warn!(call_id = %call_id, "media stream with a wrong or used token; closing");
-        close(&mut sink, POLICY, "invalid stream token").await;
-        return;
-    }
+    let (changed, data) = match attached {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            tracing::warn!(call_id = %call_id, "media stream with a wrong or used token; closing");
+            close(&mut sink, POLICY, "invalid stream token").await;
+            return;
+        }
+        Err(e) => {
+            tracing::error!(call_id = %call_id, error = %e, "cannot load call for its media stream");
+            close(&mut sink, 1011, "internal error").await;
+            return;
+        }
+    };
+    let setup = CallSetup::resolve(data.detail, data.tenant, &m.config());
     // Every log line of the call carries its id and Twilio's CallSid.
     let span = tracing::info_span!("call", call_id = %call_id, call_sid = %start.call_sid);
-    tracing::Instrument::instrument(Bridge::run(m, call_id, start, sink), span).await;
+    tracing::Instrument::instrument(Bridge::run(m, call_id, start, sink, setup, changed), span)
+        .await;
 }
 
 async fn wait_for_start(stream: &mut WebSocket) -> Option<media::Start> {
@@ -289,17 +307,15 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 impl Bridge {
-    async fn run(m: Arc<Shared>, call_id: CallId, start: media::Start, sink: Sink) {
+    async fn run(
+        m: Arc<Shared>,
+        call_id: CallId,
+        start: media::Start,
+        sink: Sink,
+        setup: CallSetup,
+        changed: Option<crate::store::calls::Call>,
+    ) {
         let now = Instant::now();
-        let setup = match m.call_setup(call_id.as_str()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot load call for its media stream");
-                let mut sink = sink;
-                close(&mut sink, 1011, "internal error").await;
-                return;
-            }
-        };
         let cfg = m.config();
         let inbound = setup.inbound;
         let kind = setup.kind;
@@ -309,14 +325,9 @@ impl Bridge {
         let _bridged = m.sessions.bridge_started(live.clone());
         let wind_down = m.wind_down.clone();
         let mut winding_down = false;
-        m.apply(
-            call_id.as_str(),
-            Transition {
-                status: Some(CallStatus::InProgress),
-                ..Default::default()
-            },
-        )
-        .await;
+        if let Some(call) = &changed {
+            m.announce(call);
+        }
         tracing::info!(stream_sid = %start.stream_sid, engine = %kind, "media stream started");
 
         let mut b = Bridge {
@@ -670,13 +681,7 @@ impl Bridge {
                 let _ = self
                     .m
                     .store
-                    .run(move |c| {
-                        c.execute(
-                            "UPDATE calls SET error = COALESCE(error, ?1) WHERE id = ?2",
-                            rusqlite::params![e, eid],
-                        )?;
-                        Ok(())
-                    })
+                    .run(move |c| callpath::note_error(c, &eid, &e))
                     .await;
             }
             // Twilio's `completed` callback normally closes the record; if it never comes
@@ -686,10 +691,7 @@ impl Bridge {
             let _ = self
                 .m
                 .store
-                .run(move |c| {
-                    c.execute("UPDATE jobs SET run_at = MIN(run_at, ?1) WHERE dedupe_key = ?2 AND state = 'pending'", rusqlite::params![at, format!("reconcile:{rid}")])?;
-                    crate::calls::jobs::schedule_reconcile(c, &rid, at)
-                })
+                .run(move |c| callpath::reconcile_by(c, &rid, at))
                 .await;
         }
     }

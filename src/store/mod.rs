@@ -2,6 +2,7 @@
 //! `serve` owns a database. The server reaches it only through [`Store::run`], which moves the
 //! work to Tokio's blocking pool so the async reactor never waits on disk.
 
+pub mod callpath;
 pub mod calls;
 pub mod jobs;
 pub mod keys;
