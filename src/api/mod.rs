@@ -1,128 +1,34 @@
 //! The HTTP surface: REST API (`/api/v1`), health and info. `app(state)` builds the whole
 //! router so tests drive exactly what `serve` runs.
 
-mod auth;
 mod calls;
-pub mod error;
+mod certs;
 mod health;
+mod ops;
+pub mod status;
 mod tenants;
 mod twilio;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
-pub use auth::Auth;
-pub use error::ApiError;
-
-use crate::calls::Calls;
-use crate::config::Config;
-use crate::store::Store;
-
-/// Everything a request handler may need; cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-pub struct Inner {
-    pub store: Store,
-    pub started: Instant,
-    draining: AtomicBool,
-    calls: Arc<Calls>,
-    ops: crate::ops::Ops,
-    proxy: Arc<crate::proxy::Proxy>,
-    /// Set by `serve` when TLS is on: readiness and `/api/v1/tls/*` consult it.
-    tls: OnceLock<crate::tls::Tls>,
-}
-
-impl AppState {
-    /// State with a call manager whose background workers are not started (tests that only
-    /// exercise the HTTP surface). `serve` uses [`AppState::with_manager`].
-    pub fn new(store: Store, config: Arc<Config>) -> Self {
-        let calls = Calls::new(store.clone(), config.clone(), Default::default())
-            // Only fails if the HTTP client cannot be built (no TLS backend): a build defect.
-            .expect("HTTP client");
-        Self::with_manager(calls)
-    }
-
-    /// State around a call manager, which holds the store and the configuration.
-    pub fn with_manager(calls: Arc<Calls>) -> Self {
-        let config = calls.config();
-        let store = calls.store().clone();
-        let ops = crate::ops::Ops::with_metrics(&config, calls.metrics());
-        let proxy = Arc::new(crate::proxy::Proxy::from_config(&config));
-        Self(Arc::new(Inner {
-            store,
-            started: Instant::now(),
-            draining: AtomicBool::new(false),
-            calls,
-            ops,
-            proxy,
-            tls: OnceLock::new(),
-        }))
-    }
-
-    /// Attaches the TLS handle (once; later calls are ignored).
-    pub fn set_tls(&self, tls: crate::tls::Tls) {
-        let _ = self.0.tls.set(tls);
-    }
-
-    pub fn tls(&self) -> Option<&crate::tls::Tls> {
-        self.0.tls.get()
-    }
-
-    pub fn calls(&self) -> &Arc<Calls> {
-        &self.0.calls
-    }
-
-    /// Metrics, rate limiters and guards.
-    pub fn ops(&self) -> &crate::ops::Ops {
-        &self.0.ops
-    }
-
-    /// The `[[proxy]]` routes; `reload` swaps its table (SIGHUP).
-    pub fn proxy(&self) -> &Arc<crate::proxy::Proxy> {
-        &self.0.proxy
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.0.store
-    }
-
-    /// The configuration in force; a reload (SIGHUP) swaps it, so hold the snapshot only
-    /// for the request at hand.
-    pub fn config(&self) -> Arc<Config> {
-        self.0.calls.config()
-    }
-
-    pub fn uptime_secs(&self) -> u64 {
-        self.0.started.elapsed().as_secs()
-    }
-
-    pub fn set_draining(&self) {
-        self.0.draining.store(true, Ordering::SeqCst);
-        self.0.calls.set_draining();
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.0.draining.load(Ordering::SeqCst)
-    }
-}
+use crate::http::error;
+pub use crate::http::{ApiError, AppState, Auth};
 
 pub fn app(state: AppState) -> Router {
     let max_body = state.config().server.max_body_bytes;
     let api = Router::new()
         .merge(tenants::routes())
         .merge(calls::routes())
-        .merge(crate::ops::status::routes())
-        .merge(crate::tls::api::routes())
+        .merge(status::routes())
+        .merge(certs::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     // Our own routes. `/api/v1/*` and `/twilio/*` are reserved as a whole (their 404s are
     // ours), the rest are exact paths. `route_layer` keeps the small body limit and the error
@@ -136,7 +42,7 @@ pub fn app(state: AppState) -> Router {
                 .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) }),
         )
         .merge(health::routes())
-        .merge(crate::ops::http::routes())
+        .merge(ops::routes())
         .route_layer(DefaultBodyLimit::max(max_body))
         .route_layer(RequestBodyLimitLayer::new(max_body))
         // Outside the body limit, so its bare 413 is reshaped too.
@@ -144,12 +50,16 @@ pub fn app(state: AppState) -> Router {
     own
         // Everything else: `[[proxy]]` routes, or the SPEC 404 when none matches.
         .fallback(|State(state): State<AppState>, req: Request| async move {
-            state.proxy().handle(req).await
+            state
+                .proxy()
+                .handle(req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
         })
         // Rate limits before any handler work; metrics see the final (shaped) status.
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::ops::http::middleware,
+            ops::middleware,
         ))
         .layer(middleware::from_fn(request_context))
         .with_state(state)

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use super::client::LocalServer;
 use super::{CertCmd, Ctx, RenewArgs, output};
 use crate::config::{Config, TlsMode};
+use crate::domain::layout::runtime_info;
 use crate::ops::doctor::pid_alive;
-use crate::server::runtime_info;
 use crate::tls::{self, RenewOutcome, TlsStatus};
 
 pub fn run(ctx: &Ctx, cmd: CertCmd) -> anyhow::Result<ExitCode> {

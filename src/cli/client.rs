@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::server::{ADMIN_KEY_FILE, RUNTIME_FILE, runtime_info};
+use crate::domain::layout::{ADMIN_KEY_FILE, RUNTIME_FILE, runtime_info};
 
 pub struct LocalServer {
     pub base: String,

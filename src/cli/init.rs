@@ -132,7 +132,7 @@ pub fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open(&data_dir)
         .with_context(|| format!("cannot create the database in {}", data_dir.display()))?;
     let new_admin = ensure_admin_key(&store, &data_dir)?;
-    let admin_file = data_dir.join(crate::server::ADMIN_KEY_FILE);
+    let admin_file = data_dir.join(crate::domain::layout::ADMIN_KEY_FILE);
 
     let public = if a.dev {
         "http://127.0.0.1:8080".to_owned()

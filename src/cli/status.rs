@@ -10,9 +10,9 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::{Ctx, output};
+use crate::api::status::StatusReport;
+use crate::domain::layout::{ADMIN_KEY_FILE, RUNTIME_FILE, RuntimeInfo};
 use crate::ops::doctor::pid_alive;
-use crate::ops::status::StatusReport;
-use crate::server::{ADMIN_KEY_FILE, RUNTIME_FILE, RuntimeInfo};
 
 /// Exit status when the server is not running (as `systemctl status` does for inactive units).
 const DOWN: u8 = 3;

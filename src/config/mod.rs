@@ -677,7 +677,7 @@ impl Config {
             ("server.metrics_allow", &s.metrics_allow),
             ("server.trusted_proxies", &s.trusted_proxies),
         ] {
-            crate::ops::net::parse_list(list).map_err(|r| bad(key, r))?;
+            crate::domain::net::parse_list(list).map_err(|r| bad(key, r))?;
         }
         for (i, p) in self.proxy.iter().enumerate() {
             let key = |k: &str| format!("proxy[{i}].{k}");

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::fscheck;
 use crate::config::{Config, TlsMode};
-use crate::server::{ADMIN_KEY_FILE, RUNTIME_FILE, runtime_info};
+use crate::domain::layout::{ADMIN_KEY_FILE, RUNTIME_FILE, runtime_info};
 use crate::store::DB_FILE;
 
 /// The account the systemd unit runs as.

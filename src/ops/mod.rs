@@ -6,14 +6,11 @@
 
 pub mod doctor;
 pub mod fscheck;
-pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;
-pub mod reload;
 pub mod sdnotify;
-pub mod status;
 
 use std::net::IpAddr;
 use std::sync::Arc;

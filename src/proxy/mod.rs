@@ -16,15 +16,14 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::uri::{PathAndQuery, Scheme};
-use axum::http::{Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Method, Uri};
+use axum::response::Response;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use table::{ProxyTable, TableError, Timeouts};
 
-use crate::api::ApiError;
 use crate::config::Config;
 use crate::ops::net::{self, IpNet};
 use table::Target;
@@ -54,36 +53,6 @@ pub enum ProxyError {
     Timeout,
     #[error("upstream failed: {0}")]
     Upstream(String),
-}
-
-impl IntoResponse for ProxyError {
-    fn into_response(self) -> Response {
-        // Details of upstream failures go to the log (see `forward`), not to the client.
-        let e = match &self {
-            ProxyError::NoRoute => ApiError::for_status(StatusCode::NOT_FOUND),
-            ProxyError::NotFound => ApiError::not_found("file"),
-            ProxyError::BadRequest(m) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", *m)
-            }
-            ProxyError::MethodNotAllowed(allow) => {
-                let mut resp = ApiError::for_status(StatusCode::METHOD_NOT_ALLOWED).into_response();
-                resp.headers_mut()
-                    .insert(header::ALLOW, header::HeaderValue::from_static(allow));
-                return resp;
-            }
-            ProxyError::Connect(_) | ProxyError::Upstream(_) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                "the upstream server is unavailable or failed",
-            ),
-            ProxyError::Timeout => ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "gateway_timeout",
-                "the upstream server did not answer in time",
-            ),
-        };
-        e.into_response()
-    }
 }
 
 /// The proxy: a swappable route table and one pooled client shared by all upstreams.
@@ -135,15 +104,8 @@ impl Proxy {
             .clone()
     }
 
-    /// Answers a request none of our own routes took.
-    pub async fn handle(&self, req: Request) -> Response {
-        match self.dispatch(req).await {
-            Ok(resp) => resp,
-            Err(e) => e.into_response(),
-        }
-    }
-
-    async fn dispatch(&self, req: Request) -> Result<Response, ProxyError> {
+    /// Answers a request none of our own routes took; the HTTP layer shapes the error.
+    pub async fn handle(&self, req: Request) -> Result<Response, ProxyError> {
         let table = self.table();
         if table.is_empty() {
             return Err(ProxyError::NoRoute);

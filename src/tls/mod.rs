@@ -7,7 +7,6 @@
 //! SIGHUP reload (manual). A failed issuance or reload never replaces what is being served.
 
 pub mod acme;
-pub mod api;
 pub mod cert;
 pub mod resolver;
 pub mod storage;

@@ -7,6 +7,7 @@ mod e2e;
 mod engines;
 mod fakes;
 mod fakes_selftest;
+mod layering;
 mod lifecycle;
 mod ops;
 mod proxy;

@@ -1,14 +1,14 @@
 //! `voicectl serve`: open the store, bind listeners, serve until SIGTERM/SIGINT, drain.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+
+pub mod reload;
 use crate::calls::Calls;
 use crate::config::{Config, TlsMode};
 use crate::edge;
@@ -16,21 +16,7 @@ use crate::ops;
 use crate::store::{self, Store, keys, tenants};
 use tokio_util::sync::CancellationToken;
 
-/// Written to `data_dir/serve.json` while the server runs, so local CLI commands can find it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RuntimeInfo {
-    pub pid: u32,
-    pub listen: Option<SocketAddr>,
-    pub version: String,
-}
-
-pub const RUNTIME_FILE: &str = "serve.json";
-pub const ADMIN_KEY_FILE: &str = "admin.key";
-
-pub fn runtime_info(data_dir: &Path) -> Option<RuntimeInfo> {
-    let text = std::fs::read_to_string(data_dir.join(RUNTIME_FILE)).ok()?;
-    serde_json::from_str(&text).ok()
-}
+pub use crate::domain::layout::{ADMIN_KEY_FILE, RUNTIME_FILE, RuntimeInfo, runtime_info};
 
 /// Makes sure an admin credential exists; if a new one is minted, its secret is written to
 /// `data_dir/admin.key` (0600) and returned so the caller can show it once.
@@ -157,7 +143,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         None
     };
     let state = AppState::with_manager(manager);
-    let _reloader = ops::reload::spawn(lifecycle.reloads(), state.clone());
+    let _reloader = reload::spawn(lifecycle.reloads(), state.clone());
     if let Some(t) = &tls {
         state.set_tls(t.clone());
     }

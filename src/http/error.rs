@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::proxy::ProxyError;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -195,4 +196,36 @@ pub async fn shape_errors(resp: Response) -> Response {
         }
     }
     new
+}
+
+/// Proxy failures in the SPEC shape; details of upstream failures go to the log (see
+/// `proxy::forward`), not to the client.
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        // Details of upstream failures go to the log (see `forward`), not to the client.
+        let e = match &self {
+            ProxyError::NoRoute => ApiError::for_status(StatusCode::NOT_FOUND),
+            ProxyError::NotFound => ApiError::not_found("file"),
+            ProxyError::BadRequest(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", *m)
+            }
+            ProxyError::MethodNotAllowed(allow) => {
+                let mut resp = ApiError::for_status(StatusCode::METHOD_NOT_ALLOWED).into_response();
+                resp.headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                return resp;
+            }
+            ProxyError::Connect(_) | ProxyError::Upstream(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "the upstream server is unavailable or failed",
+            ),
+            ProxyError::Timeout => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "gateway_timeout",
+                "the upstream server did not answer in time",
+            ),
+        };
+        e.into_response()
+    }
 }

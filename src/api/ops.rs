@@ -11,9 +11,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::LimitClass;
-use super::net::{self, ClientIp};
-use crate::api::{ApiError, AppState};
+use crate::http::{ApiError, AppState};
+use crate::ops::LimitClass;
+use crate::ops::net::{self, ClientIp};
 
 /// Unauthenticated ops routes (merged into the top-level router).
 pub fn routes() -> Router<AppState> {

@@ -7,9 +7,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::Deserialize;
 
-use super::{RenewOutcome, TlsError, TlsStatus};
-use crate::api::error::Json;
-use crate::api::{ApiError, AppState, Auth};
+use crate::http::error::Json;
+use crate::http::{ApiError, AppState, Auth};
+use crate::tls::{RenewOutcome, Tls, TlsError, TlsStatus};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -17,7 +17,7 @@ pub fn routes() -> Router<AppState> {
         .route("/tls/renew", post(renew))
 }
 
-fn tls_of(s: &AppState) -> Result<super::Tls, ApiError> {
+fn tls_of(s: &AppState) -> Result<Tls, ApiError> {
     s.tls().cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,

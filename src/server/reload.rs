@@ -112,7 +112,7 @@ pub fn merge(old: &Config, new: Config) -> (Config, Outcome) {
 /// Reloads on every SIGHUP until the process ends. A bad file is logged and changes nothing.
 pub fn spawn(
     mut reloads: tokio::sync::watch::Receiver<u64>,
-    state: crate::api::AppState,
+    state: crate::http::AppState,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let manager = state.calls().clone();

@@ -7,9 +7,9 @@ use axum::extract::State;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
-use super::metrics::circuit;
-use crate::api::error::Json;
-use crate::api::{ApiError, AppState, Auth};
+use crate::http::error::Json;
+use crate::http::{ApiError, AppState, Auth};
+use crate::ops::metrics::circuit;
 use crate::timefmt::{now_ms, rfc3339};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
