@@ -13,7 +13,7 @@ use super::error::Path;
 use super::{ApiError, AppState};
 use crate::ids::CallId;
 use crate::ops::net::ClientIp;
-use crate::telephony::twilio::{signature, twiml as render, webhook};
+use crate::telephony::twilio::{signature, stream, twiml as render, webhook};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -175,7 +175,9 @@ async fn media(
         .max_message_size(256 * 1024)
         .read_buffer_size(crate::media::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
-            crate::media::bridge::serve(m, socket).await;
+            if let Some((leg, start)) = stream::accept(socket).await {
+                m.serve_stream(leg, start).await;
+            }
             drop(guard);
         }))
 }

@@ -10,8 +10,10 @@ use super::CallStatus;
 use super::error::CallError;
 use super::session::CallEvent;
 use super::shared::Shared;
-use crate::store::StoreError;
+use crate::media::bridge::Outcome;
+use crate::media::leg::Leg;
 use crate::store::calls::{self, Call, Scope, Transition};
+use crate::store::{StoreError, callpath};
 use crate::telephony::CarrierUpdate;
 
 impl Shared {
@@ -37,7 +39,7 @@ impl Shared {
     }
 
     /// Tells followers and workers about a state change already written.
-    pub(crate) fn announce(&self, call: &Call) {
+    pub(super) fn announce(&self, call: &Call) {
         let id = call.id.as_str();
         let ev = CallEvent::Status {
             status: call.status,
@@ -82,6 +84,57 @@ impl Shared {
             },
         )
         .await
+    }
+
+    /// A bridge ended: the caller hears an apology if the engine failed (before the stream
+    /// closes: once it does, the carrier hangs up without a word), the stream is closed, and
+    /// the record is closed when no provider callback will.
+    pub(super) async fn stream_ended<L: Leg>(
+        &self,
+        id: &str,
+        call_sid: &str,
+        inbound: bool,
+        mut leg: L,
+        outcome: Outcome,
+    ) {
+        if outcome.engine_failed() && !call_sid.is_empty() {
+            self.apologize(call_sid).await;
+        }
+        leg.close().await;
+        tracing::info!(reason = outcome.reason, "media stream ended");
+        if inbound {
+            // Twilio sends no status callbacks for inbound calls by default (SPEC §4).
+            let status = if outcome.engine_failed() {
+                CallStatus::Failed
+            } else {
+                CallStatus::Completed
+            };
+            self.apply(
+                id,
+                Transition {
+                    status: Some(status),
+                    error: outcome.error,
+                    ..Default::default()
+                },
+            )
+            .await;
+        } else {
+            if let Some(e) = outcome.error {
+                let eid = id.to_owned();
+                let _ = self
+                    .store
+                    .run(move |c| callpath::note_error(c, &eid, &e))
+                    .await;
+            }
+            // The carrier's `completed` callback normally closes the record; if it never
+            // comes (lost, or the call lingers), the carrier is asked shortly.
+            let at = crate::timefmt::now_ms() + 15_000;
+            let rid = id.to_owned();
+            let _ = self
+                .store
+                .run(move |c| callpath::reconcile_by(c, &rid, at))
+                .await;
+        }
     }
 
     /// Records why a live call is ending, before the provider confirms the end.

@@ -4,7 +4,9 @@
 //! * `intake`: `POST /calls` checked into a typed new call and persisted (queued)
 //! * `dialer`: queue, capacity, pacing, claims, the carrier's create-call
 //! * `answer`: what the carrier does with an answered or incoming call (a [`Script`])
-//! * `lifecycle`: state changes, ends, reconciliation, recovery, drain
+//! * `stream`: a carrier's media stream attached and bridged
+//! * `lifecycle`: state changes, ends, reconciliation, recovery, drain, what a bridge's
+//!   outcome means for the call
 //! * `setup`: call -> tenant -> config resolution, and the engine session
 //! * `session`: the per-call in-memory entry (events, end signal, pre-warm, bridged)
 //! * `jobs`: the durable job runner (tenant webhooks, Ultravox transcripts, reconciliation)
@@ -20,7 +22,8 @@ mod lifecycle;
 pub mod phrases;
 pub mod session;
 mod setup;
-pub(crate) mod shared;
+mod shared;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +39,11 @@ pub use session::{CallEvent, Session};
 pub use setup::CallSetup;
 
 use crate::config::Config;
+use crate::media::leg::Leg;
 use crate::ops::metrics::Metrics;
 use crate::store::calls::{Call, Scope};
 use crate::store::{Store, StoreError};
-use crate::telephony::{CarrierUpdate, InboundCall, Script};
+use crate::telephony::{CarrierUpdate, InboundCall, Script, StreamStart};
 use shared::Shared;
 
 /// The call service. Cheap to share (`Arc`); all state lives behind it.
@@ -56,10 +60,6 @@ impl Calls {
         Ok(Arc::new(Self {
             s: Arc::new(Shared::new(store, config, shutdown)?),
         }))
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.s
     }
 
     pub fn store(&self) -> &Store {
@@ -156,6 +156,11 @@ impl Calls {
     /// Our outbound call `id` was answered.
     pub async fn answer(&self, id: &str, update: CarrierUpdate) -> Script {
         self.s.answer(id, update).await
+    }
+
+    /// A carrier's media stream for one of our calls, from its start to its end.
+    pub async fn serve_stream<L: Leg>(&self, leg: L, start: StreamStart) {
+        self.s.serve_stream(leg, start).await
     }
 
     /// The carrier reports on call `id` (status callback, answering-machine detection).

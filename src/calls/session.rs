@@ -7,27 +7,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::domain::event::CallEvent;
 use crate::engines::{Engine, EngineError};
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum CallEvent {
-    Status {
-        status: crate::calls::CallStatus,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        end_reason: Option<String>,
-    },
-    Transcript {
-        speaker: &'static str,
-        text: String,
-        at_ms: i64,
-    },
-}
 
 /// An engine session being opened while the phone rings.
 pub type Prewarm = JoinHandle<Result<Engine, EngineError>>;

@@ -1,8 +1,10 @@
-//! Audio on the call path: formats, the μ-law codec, and the bridge between the phone stream
-//! and a voice engine.
+//! Audio on the call path: formats, the μ-law codec, and the bridge between a phone leg
+//! ([`leg::Leg`]) and a voice engine.
 
 pub mod bridge;
+pub mod leg;
 pub mod mulaw;
+mod playback;
 
 /// Formats that cross our edges. Twilio speaks only μ-law 8 kHz mono.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,3 +33,10 @@ pub const MULAW_FRAME_BYTES: usize = 160;
 /// sockets per call that was ~300 kB and several µs of memset per frame. Our messages are a
 /// few hundred bytes (larger ones still fit: the buffer grows for a frame that needs it).
 pub const WS_READ_BUFFER: usize = 4096;
+
+/// True for strings that can be placed inside a JSON string literal without escaping and are
+/// base64: what any leg may require of agent audio it splices into its frames.
+pub fn is_base64(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+}

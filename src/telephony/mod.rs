@@ -11,6 +11,7 @@ pub mod twilio;
 
 use crate::calls::CallStatus;
 use crate::config::Config;
+use crate::ids::CallId;
 use twilio::rest::{CreateCall, TwilioClient, TwilioError};
 
 /// What the carrier should do with a call now.
@@ -47,6 +48,18 @@ pub struct InboundCall {
     pub to: String,
     pub from: String,
     pub sid: String,
+}
+
+/// A carrier's media stream presenting itself for call `call_id`; the call domain checks the
+/// token before bridging.
+pub struct StreamStart {
+    pub call_id: CallId,
+    pub token: String,
+    pub call_sid: String,
+    pub stream_sid: String,
+    /// The stream SID is usable in our outbound frames (checked with the token, so a bad
+    /// one still uses the token up).
+    pub stream_sid_ok: bool,
 }
 
 /// An outbound call to place.

@@ -3,5 +3,6 @@
 pub mod media;
 pub mod rest;
 pub mod signature;
+pub mod stream;
 pub mod twiml;
 pub mod webhook;

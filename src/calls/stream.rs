@@ -1,0 +1,86 @@
+//! A carrier's media stream for one of our calls: the token checked and the call moved to
+//! `in_progress` in one transaction, the engine taken (pre-warmed if possible), the bridge
+//! run, and its outcome handed to the lifecycle.
+
+use std::sync::Arc;
+
+use super::answer::token_hash;
+use super::phrases;
+use super::setup::CallSetup;
+use super::shared::Shared;
+use crate::media::bridge::{Bridge, BridgeContext};
+use crate::media::leg::{Leg, Refusal};
+use crate::store::callpath;
+use crate::telephony::StreamStart;
+
+impl Shared {
+    pub async fn serve_stream<L: Leg>(self: &Arc<Self>, mut leg: L, start: StreamStart) {
+        let call_id = start.call_id.clone();
+        let hash = token_hash(&start.token);
+        let cid = call_id.to_string();
+        let sid_ok = start.stream_sid_ok;
+        let attached = self
+            .store
+            .run(move |c| {
+                if sid_ok {
+                    callpath::attach_stream(c, &cid, &hash)
+                } else {
+                    callpath::burn_stream_token(c, &cid, &hash).map(|()| None)
+                }
+            })
+            .await;
+        let (changed, data) = match attached {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                tracing::warn!(call_id = %call_id, "media stream with a wrong or used token; closing");
+                leg.refuse(Refusal::InvalidToken).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(call_id = %call_id, error = %e, "cannot load call for its media stream");
+                leg.refuse(Refusal::Internal).await;
+                return;
+            }
+        };
+        // Every log line of the call carries its id and the carrier's call id.
+        let span = tracing::info_span!("call", call_id = %call_id, call_sid = %start.call_sid);
+        tracing::Instrument::instrument(
+            async move {
+                let cfg = self.config();
+                let setup = CallSetup::resolve(data.detail, data.tenant, &cfg);
+                let id = call_id.as_str();
+                let session = self.sessions.get_or_create(id);
+                let _bridged = self.sessions.bridge_started(session.clone());
+                if let Some(call) = &changed {
+                    self.announce(call);
+                }
+                let kind = setup.kind;
+                let inbound = setup.inbound;
+                tracing::info!(stream_sid = %start.stream_sid, engine = %kind, "media stream started");
+                let cx = BridgeContext {
+                    call_id: call_id.clone(),
+                    store: self.store.clone(),
+                    events: session.events().clone(),
+                    end: session.end_token().clone(),
+                    wind_down: self.wind_down.clone(),
+                    engine: kind,
+                    max_duration: setup.max_duration,
+                    silence_timeout: cfg.agent.silence_timeout.0,
+                    goodbye: cfg.agent.goodbye.clone(),
+                    still_there: phrases::STILL_THERE,
+                    metrics: self.metrics.clone(),
+                    breakers: self.breakers.clone(),
+                };
+                let engine = self
+                    .take_engine(id, setup)
+                    .await
+                    .map_err(|e| e.to_string());
+                let (leg, outcome) = Bridge::run(cx, leg, engine).await;
+                self.stream_ended(id, &start.call_sid, inbound, leg, outcome)
+                    .await;
+            },
+            span,
+        )
+        .await;
+    }
+}
