@@ -8,6 +8,7 @@ pub mod auth;
 pub mod calls;
 pub mod cli;
 pub mod config;
+pub mod domain;
 pub mod edge;
 pub mod engines;
 pub mod ids;
