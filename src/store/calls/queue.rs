@@ -128,3 +128,53 @@ pub fn open_counts(conn: &Connection) -> Result<OpenCounts> {
         },
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Direction;
+    use crate::ids::CallId;
+    use crate::store::calls::{NewCall, insert};
+    use crate::store::{tenants, tenants::TenantPatch, test_store};
+
+    #[test]
+    fn open_counts_split_waiting_from_live() {
+        let (_d, store) = test_store();
+        store
+            .blocking(|c| {
+                let t = tenants::create(
+                    c,
+                    TenantPatch {
+                        name: Some("a".into()),
+                        ..Default::default()
+                    },
+                )?;
+                for status in [
+                    CallStatus::Queued,
+                    CallStatus::Queued,
+                    CallStatus::Ringing,
+                    CallStatus::InProgress,
+                    CallStatus::Completed,
+                ] {
+                    insert(
+                        c,
+                        &NewCall {
+                            id: CallId::generate(),
+                            tenant_id: t.id,
+                            direction: Direction::Outbound,
+                            to: "+14155550100".into(),
+                            from: "+14155550199".into(),
+                            status,
+                            engine: "scripted".into(),
+                            metadata: serde_json::json!({}),
+                        },
+                    )?;
+                }
+                assert_eq!(open_counts(c)?, OpenCounts { queued: 2, live: 2 });
+                assert_eq!(open_counts(c)?.queued, queued_count(c)?);
+                assert_eq!(open_counts(c)?.live, live_counts(c)?.0);
+                Ok(())
+            })
+            .unwrap();
+    }
+}

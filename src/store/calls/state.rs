@@ -257,6 +257,15 @@ pub fn id_by_sid(conn: &Connection, sid: &str) -> Result<Option<String>> {
         .optional()?)
 }
 
+/// Notes what went wrong on a call; the first error recorded stays.
+pub fn set_error(conn: &Connection, id: &str, error: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE calls SET error = COALESCE(error, ?1) WHERE id = ?2",
+        params![error, id],
+    )?;
+    Ok(())
+}
+
 pub fn set_engine_call_id(conn: &Connection, id: &str, engine_call_id: &str) -> Result<()> {
     conn.execute(
         "UPDATE calls SET engine_call_id = ?1 WHERE id = ?2",

@@ -71,3 +71,67 @@ pub fn transcript(conn: &Connection, scope: Scope, id: &str) -> Result<Vec<Trans
         .collect::<rusqlite::Result<_>>()?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{CallStatus, Direction};
+    use crate::ids::CallId;
+    use crate::store::calls::{NewCall, insert, set_error};
+    use crate::store::{tenants, tenants::TenantPatch, test_store};
+
+    fn line(speaker: &'static str, text: &str, at_ms: i64) -> TranscriptEntry {
+        TranscriptEntry {
+            speaker,
+            text: text.into(),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn a_replaced_transcript_does_not_duplicate_lines() {
+        let (_d, store) = test_store();
+        store
+            .blocking(|c| {
+                let t = tenants::create(
+                    c,
+                    TenantPatch {
+                        name: Some("a".into()),
+                        ..Default::default()
+                    },
+                )?;
+                let id = CallId::generate();
+                insert(
+                    c,
+                    &NewCall {
+                        id: id.clone(),
+                        tenant_id: t.id,
+                        direction: Direction::Outbound,
+                        to: "+14155550100".into(),
+                        from: "+14155550199".into(),
+                        status: CallStatus::Completed,
+                        engine: "ultravox".into(),
+                        metadata: serde_json::json!({}),
+                    },
+                )?;
+                let id = id.as_str();
+                add_transcript(c, id, &[line("agent", "Hi", 1)])?;
+                let fetched = [line("agent", "Hi", 1), line("caller", "Hello", 2)];
+                replace_transcript(c, id, &fetched)?;
+                replace_transcript(c, id, &fetched)?;
+                let got: Vec<_> = transcript(c, Scope::All, id)?
+                    .into_iter()
+                    .map(|e| (e.speaker, e.text))
+                    .collect();
+                assert_eq!(
+                    got,
+                    vec![("agent", "Hi".to_owned()), ("caller", "Hello".to_owned())]
+                );
+                set_error(c, id, "first")?;
+                set_error(c, id, "second")?;
+                assert_eq!(get(c, Scope::All, id)?.error.as_deref(), Some("first"));
+                Ok(())
+            })
+            .unwrap();
+    }
+}
