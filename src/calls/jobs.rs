@@ -195,11 +195,7 @@ async fn ultravox_transcript(m: &CallManager, job: &Job) -> Result<Next, String>
     m.store()
         .run(move |c| {
             // Replace rather than append, so a retried job cannot duplicate lines.
-            c.execute(
-                "DELETE FROM transcript_entries WHERE call_id = ?1",
-                [&call_id],
-            )?;
-            calls::add_transcript(c, &call_id, &entries)?;
+            calls::replace_transcript(c, &call_id, &entries)?;
             if let Some(t) = tenant_id {
                 calls::enqueue_webhook(c, &call_id, t)?;
             }

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::live::{CallEvent, Registry};
 use crate::config::{Config, EngineKind, HumanDuration};
+use crate::domain::{Invalid, JobKind, RateLimited};
 use crate::engines::breaker::{Breakers, State as BreakerState};
 use crate::engines::ultravox::UltravoxClient;
 use crate::engines::{CallContext, Engine, EngineError};
@@ -59,6 +60,10 @@ pub struct CreateCallRequest {
 pub enum CallError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
     #[error("{0}")]
     Unavailable(String),
     #[error("engine {0} is failing; new calls are refused until it recovers")]
@@ -280,25 +285,19 @@ impl CallManager {
         req: CreateCallRequest,
         idempotency_key: Option<String>,
     ) -> Result<(Call, bool), CallError> {
-        let to = E164::parse(&req.to).map_err(|e| StoreError::invalid("to", e.to_string()))?;
+        let to = E164::parse(&req.to).map_err(|e| Invalid::new("to", e.to_string()))?;
         if let Some(k) = &idempotency_key
             && (k.is_empty() || k.len() > 255)
         {
-            return Err(
-                StoreError::invalid("Idempotency-Key", "must be 1 to 255 characters").into(),
-            );
+            return Err(Invalid::new("Idempotency-Key", "must be 1 to 255 characters").into());
         }
         let max_duration = req
             .max_duration
             .as_deref()
             .map(|d| {
-                let d =
-                    HumanDuration::parse(d).map_err(|e| StoreError::invalid("max_duration", e))?;
+                let d = HumanDuration::parse(d).map_err(|e| Invalid::new("max_duration", e))?;
                 if !(10..=4 * 3600).contains(&d.as_secs()) {
-                    return Err(StoreError::invalid(
-                        "max_duration",
-                        "must be between 10s and 4h",
-                    ));
+                    return Err(Invalid::new("max_duration", "must be between 10s and 4h"));
                 }
                 Ok(d.as_secs() as i64)
             })
@@ -309,9 +308,9 @@ impl CallManager {
                 serde_json::Value::Object(m.clone())
             }
             Some(serde_json::Value::Object(_)) => {
-                return Err(StoreError::invalid("metadata", "larger than 16 KiB").into());
+                return Err(Invalid::new("metadata", "larger than 16 KiB").into());
             }
-            Some(_) => return Err(StoreError::invalid("metadata", "must be a JSON object").into()),
+            Some(_) => return Err(Invalid::new("metadata", "must be a JSON object").into()),
         };
         for (field, v, max) in [
             ("system_prompt", &req.system_prompt, 20_000),
@@ -319,19 +318,17 @@ impl CallManager {
             ("voice", &req.voice, 100),
         ] {
             if v.as_ref().is_some_and(|s| s.chars().count() > max) {
-                return Err(StoreError::invalid(
-                    field,
-                    format!("too long (at most {max} characters)"),
-                )
-                .into());
+                return Err(
+                    Invalid::new(field, format!("too long (at most {max} characters)")).into(),
+                );
             }
         }
         let config = self.config();
         let breakers = self.breakers.clone();
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
-        let outcome = self
+        let (call, created) = self
             .store
-            .run(move |c| {
+            .try_run(move |c| -> Result<_, CallError> {
                 let tenant = match (scope, &req.tenant) {
                     (Scope::Tenant(id), _) => tenants::get_by_id(c, id)?,
                     (Scope::All, Some(name)) => tenants::get(c, name)?,
@@ -339,10 +336,11 @@ impl CallManager {
                         // An admin with a single tenant need not name it (the dev flow).
                         let mut all = tenants::list(c)?;
                         if all.len() != 1 {
-                            return Err(StoreError::invalid(
+                            return Err(Invalid::new(
                                 "tenant",
                                 "required with the admin key (name the tenant the call is for)",
-                            ));
+                            )
+                            .into());
                         }
                         all.remove(0)
                     }
@@ -353,26 +351,26 @@ impl CallManager {
                     .or_else(|| tenant.from_number.clone())
                     .or_else(|| Some(config.twilio.from_number.clone()).filter(|f| !f.is_empty()))
                     .ok_or_else(|| {
-                        StoreError::invalid(
+                        Invalid::new(
                             "from",
                             "no caller ID: pass from, or set the tenant's from_number or twilio.from_number",
                         )
                     })?;
-                E164::parse(&from).map_err(|e| StoreError::invalid("from", e.to_string()))?;
+                E164::parse(&from).map_err(|e| Invalid::new("from", e.to_string()))?;
                 let engine = match req.engine.as_deref().or(tenant.engine.as_deref()) {
                     Some(e) => EngineKind::parse(e).ok_or_else(|| {
-                        StoreError::invalid("engine", format!("unknown engine {e:?}"))
+                        Invalid::new("engine", format!("unknown engine {e:?}"))
                     })?,
                     None => config.agent.engine,
                 };
                 if !breakers.admit(engine) {
-                    return Ok(Err(engine));
+                    return Err(CallError::EngineUnavailable(engine));
                 }
                 let max_per_minute = tenant
                     .calls_per_minute
                     .unwrap_or(config.limits.calls_per_minute_per_tenant)
                     as i64;
-                calls::create_outbound(
+                Ok(calls::create_outbound(
                     c,
                     &OutboundRequest {
                         tenant_id: tenant.id,
@@ -389,11 +387,9 @@ impl CallManager {
                         request_hash: hash,
                     },
                     max_per_minute,
-                )
-                .map(Ok)
+                )??)
             })
             .await?;
-        let (call, created) = outcome.map_err(CallError::EngineUnavailable)?;
         if created {
             tracing::info!(call_id = %call.id, tenant = %call.tenant, to = %call.to, "call queued");
             self.dial_wake.notify_one();
@@ -1193,7 +1189,7 @@ pub const TIME_LIMIT_GRACE_SECS: u64 = 30;
 pub fn schedule_reconcile(c: &rusqlite::Connection, id: &str, at: i64) -> Result<(), StoreError> {
     crate::store::jobs::enqueue(
         c,
-        "reconcile",
+        JobKind::Reconcile,
         Some(id),
         None,
         &format!("reconcile:{id}"),
