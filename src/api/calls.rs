@@ -15,6 +15,7 @@ use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::calls::CallStatus;
 use crate::calls::{CallError, CallEvent, CreateCallRequest};
+use crate::domain::RateLimited;
 use crate::store::calls::{self, Call, Cursor, ListQuery, Scope};
 use crate::store::tenants;
 use crate::timefmt;
@@ -34,7 +35,15 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::Store(s) => s.into(),
-            CallError::Invalid { field, message } => ApiError::bad_request(&field, message),
+            CallError::Invalid(e) => e.into(),
+            CallError::RateLimited(RateLimited { retry_after_secs }) => ApiError {
+                retry_after: Some(retry_after_secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("too many new calls for this tenant; retry in {retry_after_secs} s"),
+                )
+            },
             CallError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", m)
             }
@@ -97,14 +106,14 @@ async fn transcript(
     let scope = auth.scope();
     let entries = s
         .store()
-        .run(move |c| calls::transcript(c, scope, &id))
+        .read(move |c| calls::transcript(c, scope, &id))
         .await?;
     Ok(Json(json!({ "entries": entries })))
 }
 
 async fn active(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
     let scope = auth.scope();
-    let live = s.store().run(move |c| calls::active(c, scope)).await?;
+    let live = s.store().read(move |c| calls::active(c, scope)).await?;
     Ok(Json(json!({ "calls": live })))
 }
 
@@ -136,7 +145,7 @@ async fn analytics(
     let tenant = p.tenant.filter(|t| !t.is_empty());
     Ok(Json(
         s.store()
-            .run(move |c| {
+            .read(move |c| {
                 let scope = match (scope, tenant) {
                     (Scope::All, Some(name)) => Scope::Tenant(tenants::get(c, &name)?.id),
                     (scope, _) => scope,
@@ -165,7 +174,7 @@ async fn events(
     let (history, transcript, call) = {
         let id = id.clone();
         s.store()
-            .run(move |c| {
+            .read(move |c| {
                 Ok((
                     calls::events(c, &id)?,
                     calls::transcript(c, Scope::All, &id)?,
@@ -303,7 +312,7 @@ async fn list(
     let scope = auth.scope();
     let (page, next) = s
         .store()
-        .run(move |c| {
+        .read(move |c| {
             let scope = match (scope, tenant_filter) {
                 (Scope::All, Some(name)) => Scope::Tenant(tenants::get(c, &name)?.id),
                 // A tenant key naming a tenant sees its own calls regardless: no probing.

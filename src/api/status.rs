@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::http::error::Json;
 use crate::http::{ApiError, AppState, Auth};
 use crate::ops::metrics::circuit;
+use crate::store::calls;
 use crate::timefmt::{now_ms, rfc3339};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,27 +59,11 @@ async fn status(State(s): State<AppState>, auth: Auth) -> Result<Json<StatusRepo
 }
 
 pub async fn collect(s: &AppState) -> Result<StatusReport, ApiError> {
-    let calls = s
-        .store()
-        .run(|c| {
-            let mut counts = CallCounts::default();
-            let mut st = c.prepare(
-                "SELECT status, COUNT(*) FROM calls \
-                 WHERE status IN ('queued', 'initiating', 'ringing', 'in_progress') GROUP BY status",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (status, n) = row?;
-                let n = u64::try_from(n).unwrap_or(0);
-                if status == "queued" {
-                    counts.queued += n;
-                } else {
-                    counts.active += n;
-                }
-            }
-            Ok(counts)
-        })
-        .await?;
+    let open = s.store().run(|c| calls::open_counts(c)).await?;
+    let calls = CallCounts {
+        active: u64::try_from(open.live).unwrap_or(0),
+        queued: u64::try_from(open.queued).unwrap_or(0),
+    };
     let m = s.ops().metrics();
     let now = now_ms();
     let certificates = m

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::config::HumanDuration;
+use crate::domain::tenant::validate_key;
 use crate::store::keys::{self, CreatedKey, KeyInfo};
 use crate::store::tenants::{self, Tenant, TenantPatch};
 use crate::timefmt::now_ms;
@@ -24,7 +25,7 @@ pub fn routes() -> Router<AppState> {
 
 async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
     auth.require_admin()?;
-    let all = s.store().run(|c| tenants::list(c)).await?;
+    let all = s.store().read(tenants::list).await?;
     Ok(Json(json!({ "tenants": all })))
 }
 
@@ -34,6 +35,7 @@ async fn create(
     Json(p): Json<TenantPatch>,
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
     auth.require_admin()?;
+    p.validate_create()?;
     let t = s.store().run(move |c| tenants::create(c, p)).await?;
     tracing::info!(tenant = %t.name, "tenant created");
     Ok((StatusCode::CREATED, Json(t)))
@@ -55,6 +57,7 @@ async fn update(
     Json(p): Json<TenantPatch>,
 ) -> Result<Json<Tenant>, ApiError> {
     auth.require_admin()?;
+    p.validate_update(&id)?;
     let t = s.store().run(move |c| tenants::update(c, &id, p)).await?;
     tracing::info!(tenant = %t.name, "tenant updated");
     Ok(Json(t))
@@ -88,7 +91,7 @@ async fn list_keys(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     auth.require_admin()?;
-    let all = s.store().run(move |c| keys::list(c, Some(&id))).await?;
+    let all = s.store().read(move |c| keys::list(c, Some(&id))).await?;
     Ok(Json(json!({ "keys": all })))
 }
 
@@ -127,6 +130,7 @@ async fn create_key(
         .map(|d| HumanDuration::parse(d).map(|d| now_ms() + d.0.as_millis() as i64))
         .transpose()
         .map_err(|e| ApiError::bad_request("expires_in", e))?;
+    validate_key(&req.name, expires_at)?;
     let k = s
         .store()
         .run(move |c| keys::create(c, Some(&id), &req.name, expires_at))

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::CallStatus;
 use super::phrases;
 use super::setup::CallSetup;
 use super::shared::Shared;
-use crate::config::EngineKind;
+use crate::domain::CallStatus;
+use crate::domain::EngineKind;
 use crate::ids::random_token;
 use crate::store::callpath::{self, Answer, Inbound};
 use crate::store::calls::{self, Transition};

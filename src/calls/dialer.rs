@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::CallStatus;
 use super::session::CallEvent;
 use super::shared::Shared;
+use crate::domain::CallStatus;
 use crate::engines::breaker::State as BreakerState;
 use crate::ops::metrics::circuit;
 use crate::store::StoreError;

@@ -1,13 +1,16 @@
-use crate::config::EngineKind;
+use crate::domain::EngineKind;
+use crate::domain::{Invalid, RateLimited};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// The request is not acceptable as given.
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The request is not acceptable as given.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
     #[error("{0}")]
     Unavailable(String),
     #[error("engine {0} is failing; new calls are refused until it recovers")]
@@ -16,9 +19,6 @@ pub enum CallError {
 
 impl CallError {
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            field: field.to_owned(),
-            message: message.into(),
-        }
+        Self::Invalid(Invalid::new(field, message))
     }
 }

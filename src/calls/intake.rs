@@ -6,7 +6,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::CallError;
 use super::shared::Shared;
-use crate::config::{EngineKind, HumanDuration};
+use crate::config::HumanDuration;
+use crate::domain::EngineKind;
 use crate::phone::E164;
 use crate::store::calls::{self, Call, OutboundRequest, Scope};
 use crate::store::tenants;
@@ -198,7 +199,7 @@ impl Shared {
                 .map(Ok)
             })
             .await?;
-        let (call, created) = outcome?;
+        let (call, created) = outcome??;
         if created {
             tracing::info!(call_id = %call.id, tenant = %call.tenant, to = %call.to, "call queued");
             self.wake.dial.notify_one();

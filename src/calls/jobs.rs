@@ -13,9 +13,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::shared::Shared;
-use crate::store::callpath;
 use crate::store::calls::{self, Scope};
-use crate::store::jobs::{self, Job};
+use crate::store::jobs::{self, Job, JobKind};
 use crate::store::{StoreError, tenants};
 use crate::timefmt::now_ms;
 
@@ -61,11 +60,10 @@ pub async fn run(m: Arc<Shared>) {
             match m.store.run(|c| jobs::next_due(c)).await {
                 Ok(Some(job)) => {
                     let id = job.id;
-                    let outcome = match job.kind.as_str() {
-                        "webhook" => deliver(&m, &http, &job).await,
-                        "ultravox_transcript" => ultravox_transcript(&m, &job).await,
-                        "reconcile" => reconcile(&m, &job).await,
-                        other => Err(format!("unknown job kind {other:?}")),
+                    let outcome = match job.kind {
+                        JobKind::Webhook => deliver(&m, &http, &job).await,
+                        JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
+                        JobKind::Reconcile => reconcile(&m, &job).await,
                     };
                     record(&m, &job, outcome).await;
                     let _ = id;
@@ -194,7 +192,14 @@ async fn ultravox_transcript(m: &Shared, job: &Job) -> Result<Next, String> {
     let n = entries.len();
     let tenant_id = job.tenant_id;
     m.store
-        .run(move |c| callpath::replace_transcript(c, &call_id, &entries, tenant_id))
+        .run(move |c| {
+            // Replace rather than append, so a retried job cannot duplicate lines.
+            calls::replace_transcript(c, &call_id, &entries)?;
+            if let Some(t) = tenant_id {
+                calls::enqueue_webhook(c, &call_id, t)?;
+            }
+            Ok(())
+        })
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(call_id = ?job.call_id, lines = n, "stored Ultravox transcript");

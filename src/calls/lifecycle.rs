@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::CallStatus;
 use super::error::CallError;
 use super::session::CallEvent;
 use super::shared::Shared;
+use crate::domain::CallStatus;
 use crate::media::bridge::Outcome;
 use crate::media::leg::Leg;
 use crate::store::calls::{self, Call, Scope, Transition};
@@ -121,10 +121,7 @@ impl Shared {
         } else {
             if let Some(e) = outcome.error {
                 let eid = id.to_owned();
-                let _ = self
-                    .store
-                    .run(move |c| callpath::note_error(c, &eid, &e))
-                    .await;
+                let _ = self.store.run(move |c| calls::set_error(c, &eid, &e)).await;
             }
             // The carrier's `completed` callback normally closes the record; if it never
             // comes (lost, or the call lingers), the carrier is asked shortly.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::shared::Shared;
-use crate::config::{Config, EngineKind};
+use crate::config::Config;
+use crate::domain::{Direction, EngineKind};
 use crate::engines::{CallContext, Engine, EngineError};
 use crate::store::StoreError;
 use crate::store::calls::{self, CallDetail};
@@ -23,7 +24,7 @@ pub struct CallSetup {
 impl CallSetup {
     /// Resolves the setup from the call's record and its tenant under `cfg`.
     pub fn resolve(detail: CallDetail, tenant: Tenant, cfg: &Config) -> Self {
-        let inbound = detail.call.direction == crate::calls::Direction::Inbound;
+        let inbound = detail.call.direction == Direction::Inbound;
         let ctx = CallContext {
             call_id: detail.call.id.clone(),
             tenant: tenant.name.clone(),

@@ -9,9 +9,11 @@ use clap::{Args, Subcommand};
 
 use super::{Ctx, output};
 use crate::config::HumanDuration;
+use crate::domain::Invalid;
+use crate::domain::tenant::validate_key;
 use crate::store::keys::{self, KeyInfo};
 use crate::store::tenants::{self, Tenant, TenantPatch};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, admin};
 use crate::timefmt::now_ms;
 
 #[derive(Subcommand, Debug)]
@@ -141,8 +143,13 @@ fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
     Store::open(dir).with_context(|| format!("opening the database in {}", dir.display()))
 }
 
-/// Store errors as one-line CLI errors ("tenant not found", "name: …").
+/// Store errors as one-line CLI errors ("tenant not found").
 fn cli_err(e: StoreError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// Refused input as a one-line CLI error ("name: …").
+fn invalid_err(e: Invalid) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
@@ -150,13 +157,15 @@ pub fn tenant(ctx: &Ctx, cmd: TenantCmd) -> anyhow::Result<ExitCode> {
     let store = open_store(ctx)?;
     match cmd {
         TenantCmd::Add { name, fields } => {
+            let patch = fields.into_patch(Some(name));
+            patch.validate_create().map_err(invalid_err)?;
             let t = store
-                .blocking(|c| tenants::create(c, fields.into_patch(Some(name))))
+                .blocking(|c| tenants::create(c, patch))
                 .map_err(cli_err)?;
             print_tenant(ctx, &t, "Created tenant")?;
         }
         TenantCmd::List => {
-            let all = store.blocking(|c| tenants::list(c)).map_err(cli_err)?;
+            let all = store.read_blocking(tenants::list).map_err(cli_err)?;
             if ctx.json {
                 output::json(&all)?;
             } else {
@@ -185,8 +194,10 @@ pub fn tenant(ctx: &Ctx, cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             print_tenant(ctx, &t, "")?;
         }
         TenantCmd::Update { tenant, fields } => {
+            let patch = fields.into_patch(None);
+            patch.validate_update(&tenant).map_err(invalid_err)?;
             let t = store
-                .blocking(|c| tenants::update(c, &tenant, fields.into_patch(None)))
+                .blocking(|c| tenants::update(c, &tenant, patch))
                 .map_err(cli_err)?;
             print_tenant(ctx, &t, "Updated tenant")?;
         }
@@ -248,6 +259,7 @@ pub fn key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<ExitCode> {
                 .map(|d| HumanDuration::parse(d).map(|d| now_ms() + d.0.as_millis() as i64))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+            validate_key(&name, expires_at).map_err(invalid_err)?;
             let k = store
                 .blocking(|c| keys::create(c, Some(&tenant), &name, expires_at))
                 .map_err(cli_err)?;
@@ -271,7 +283,7 @@ pub fn key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<ExitCode> {
         }
         KeyCmd::List { tenant } => {
             let all = store
-                .blocking(|c| keys::list(c, tenant.as_deref()))
+                .read_blocking(|c| keys::list(c, tenant.as_deref()))
                 .map_err(cli_err)?;
             print_keys(ctx, &all)?;
         }
@@ -329,14 +341,11 @@ pub fn backup(ctx: &Ctx, path: &Path) -> anyhow::Result<ExitCode> {
     if path.exists() {
         bail!("{} already exists; choose a new path", path.display());
     }
-    let target = path.to_string_lossy().into_owned();
     store
-        .blocking(|c| Ok(c.execute("VACUUM INTO ?1", [&target])?))
+        .blocking(|c| admin::backup_into(c, path))
         .map_err(cli_err)
         .with_context(|| format!("backing up to {}", path.display()))?;
-    let copy =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let check: String = copy.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    let check = admin::integrity_check(path).map_err(cli_err)?;
     if check != "ok" {
         bail!(
             "the copy at {} failed its integrity check: {check}",

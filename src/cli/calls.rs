@@ -171,7 +171,7 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
             }
             let store = open(ctx)?;
             let (page, _) = store
-                .blocking(|c| {
+                .read_blocking(|c| {
                     let scope = match &tenant {
                         Some(t) => Scope::Tenant(tenants::get(c, t)?.id),
                         None => Scope::All,
@@ -208,7 +208,7 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
         CallsCmd::Show { id } => {
             let store = open(ctx)?;
             let (c, transcript) = store
-                .blocking(|c| {
+                .read_blocking(|c| {
                     Ok((
                         calls::get(c, Scope::All, &id)?,
                         calls::transcript(c, Scope::All, &id)?,

@@ -2,8 +2,7 @@
 
 use serde::Serialize;
 
-// CallStatus joins this layer when the store split moves it here.
-use crate::calls::CallStatus;
+use super::CallStatus;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::domain::Invalid;
 use crate::proxy::ProxyError;
 use crate::store::StoreError;
 
@@ -99,20 +100,17 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => ApiError::not_found(what),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            StoreError::Invalid { field, message } => ApiError::bad_request(&field, message),
-            StoreError::RateLimited { retry_after_secs } => ApiError {
-                retry_after: Some(retry_after_secs),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("too many new calls for this tenant; retry in {retry_after_secs} s"),
-                )
-            },
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::internal()
             }
         }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::bad_request(&e.field, e.message)
     }
 }
 

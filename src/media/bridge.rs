@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::leg::{Leg, LegEvent};
 use super::playback::Playback;
-use crate::config::EngineKind;
+use crate::domain::EngineKind;
 use crate::domain::event::CallEvent;
 use crate::engines::breaker::Breakers;
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};

@@ -5,11 +5,10 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use subtle::ConstantTimeEq;
 
-use super::calls::{self, Call, CallDetail, Scope, TranscriptEntry};
+use super::calls::{self, Call, CallDetail, Scope};
 use super::tenants::{self, Tenant};
 use super::{Result, StoreError};
-use crate::calls::CallStatus;
-use crate::config::EngineKind;
+use crate::domain::{CallStatus, EngineKind, JobKind};
 use crate::timefmt::now_ms;
 
 /// What the call path needs to run the engine of a call: its record and its tenant.
@@ -211,7 +210,7 @@ fn take_token(conn: &Connection, id: &str, hash: &[u8]) -> Result<bool> {
 pub fn schedule_reconcile(conn: &Connection, id: &str, at: i64) -> Result<()> {
     super::jobs::enqueue(
         conn,
-        "reconcile",
+        JobKind::Reconcile,
         Some(id),
         None,
         &format!("reconcile:{id}"),
@@ -228,30 +227,5 @@ pub fn reconcile_by(conn: &mut Connection, id: &str, at: i64) -> Result<()> {
     )?;
     schedule_reconcile(&tx, id, at)?;
     tx.commit()?;
-    Ok(())
-}
-
-/// Records `error` on call `id` unless an earlier one is recorded.
-pub fn note_error(conn: &Connection, id: &str, error: &str) -> Result<()> {
-    conn.execute(
-        "UPDATE calls SET error = COALESCE(error, ?1) WHERE id = ?2",
-        params![error, id],
-    )?;
-    Ok(())
-}
-
-/// Replaces call `id`'s transcript (a retried fetch cannot duplicate lines) and, for a
-/// tenant, queues its webhook. Not one transaction: `calls::add_transcript` owns its own.
-pub fn replace_transcript(
-    conn: &mut Connection,
-    id: &str,
-    entries: &[TranscriptEntry],
-    tenant_id: Option<i64>,
-) -> Result<()> {
-    conn.execute("DELETE FROM transcript_entries WHERE call_id = ?1", [id])?;
-    calls::add_transcript(conn, id, entries)?;
-    if let Some(t) = tenant_id {
-        calls::enqueue_webhook(conn, id, t)?;
-    }
     Ok(())
 }

@@ -5,22 +5,34 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Result;
+pub use crate::domain::JobKind;
 use crate::timefmt::now_ms;
 
 #[derive(Debug, Clone)]
 pub struct Job {
     pub id: i64,
-    pub kind: String,
+    pub kind: JobKind,
     pub call_id: Option<String>,
     pub tenant_id: Option<i64>,
     pub dedupe_key: Option<String>,
     pub attempts: i64,
 }
 
+/// A job to add: what [`enqueue`] takes, as one value a policy can return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub kind: JobKind,
+    pub call_id: Option<String>,
+    pub tenant_id: Option<i64>,
+    /// At most one job per key ever exists, so an event is queued once however often asked.
+    pub dedupe_key: String,
+    pub run_at: i64,
+}
+
 /// Adds a job unless one with the same `dedupe_key` exists (so an event is queued once).
 pub fn enqueue(
     conn: &Connection,
-    kind: &str,
+    kind: JobKind,
     call_id: Option<&str>,
     tenant_id: Option<i64>,
     dedupe_key: &str,
@@ -30,29 +42,69 @@ pub fn enqueue(
     conn.execute(
         "INSERT OR IGNORE INTO jobs (kind, call_id, tenant_id, dedupe_key, run_at, created_at, updated_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![kind, call_id, tenant_id, dedupe_key, run_at, now],
+        params![kind.as_str(), call_id, tenant_id, dedupe_key, run_at, now],
     )?;
     Ok(())
 }
 
+pub fn enqueue_job(conn: &Connection, job: &NewJob) -> Result<()> {
+    enqueue(
+        conn,
+        job.kind,
+        job.call_id.as_deref(),
+        job.tenant_id,
+        &job.dedupe_key,
+        job.run_at,
+    )
+}
+
+/// The next pending job that is due. A row of a kind this build does not know (written by a
+/// newer voicectl, say) is marked dead on the way rather than blocking the queue.
 pub fn next_due(conn: &Connection) -> Result<Option<Job>> {
-    Ok(conn
-        .query_row(
-            "SELECT id, kind, call_id, tenant_id, dedupe_key, attempts FROM jobs \
-             WHERE state = 'pending' AND run_at <= ?1 ORDER BY run_at, id LIMIT 1",
-            [now_ms()],
-            |r| {
-                Ok(Job {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    call_id: r.get(2)?,
-                    tenant_id: r.get(3)?,
-                    dedupe_key: r.get(4)?,
-                    attempts: r.get(5)?,
-                })
-            },
-        )
-        .optional()?)
+    loop {
+        let row = conn
+            .query_row(
+                "SELECT id, kind, call_id, tenant_id, dedupe_key, attempts FROM jobs \
+                 WHERE state = 'pending' AND run_at <= ?1 ORDER BY run_at, id LIMIT 1",
+                [now_ms()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(1)?,
+                        Job {
+                            id: r.get(0)?,
+                            kind: JobKind::Webhook,
+                            call_id: r.get(2)?,
+                            tenant_id: r.get(3)?,
+                            dedupe_key: r.get(4)?,
+                            attempts: r.get(5)?,
+                        },
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((kind, job)) = row else {
+            return Ok(None);
+        };
+        match JobKind::parse(&kind) {
+            Some(kind) => return Ok(Some(Job { kind, ..job })),
+            None => retry(conn, job.id, None, &format!("unknown job kind {kind:?}"))?,
+        }
+    }
+}
+
+/// Moves a pending reconcile for `call_id` earlier to `at` (never later), or queues one.
+pub fn reconcile_by(conn: &Connection, call_id: &str, at: i64) -> Result<()> {
+    let key = reconcile_key(call_id);
+    conn.execute(
+        "UPDATE jobs SET run_at = MIN(run_at, ?1) WHERE dedupe_key = ?2 AND state = 'pending'",
+        params![at, key],
+    )?;
+    enqueue(conn, JobKind::Reconcile, Some(call_id), None, &key, at)
+}
+
+/// The dedupe key of a call's reconcile job: one per call.
+pub fn reconcile_key(call_id: &str) -> String {
+    format!("reconcile:{call_id}")
 }
 
 /// When the earliest pending job is due (to sleep exactly that long).
@@ -97,4 +149,38 @@ pub fn pending_count(conn: &Connection) -> Result<i64> {
         [],
         |r| r.get(0),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_store;
+
+    #[test]
+    fn kinds_are_typed_and_unknown_rows_do_not_block_the_queue() {
+        let (_d, store) = test_store();
+        store
+            .blocking(|c| {
+                c.execute(
+                    "INSERT INTO jobs (kind, dedupe_key, run_at, created_at, updated_at) \
+                     VALUES ('from_the_future', 'x', 0, 0, 0)",
+                    [],
+                )?;
+                enqueue(c, JobKind::Reconcile, None, None, "reconcile:a", 1)?;
+                enqueue(c, JobKind::Reconcile, None, None, "reconcile:a", 1)?;
+                let job = next_due(c)?.expect("the known job");
+                assert_eq!(job.kind, JobKind::Reconcile);
+                assert_eq!(job.dedupe_key.as_deref(), Some("reconcile:a"));
+                let dead: String =
+                    c.query_row("SELECT state FROM jobs WHERE dedupe_key = 'x'", [], |r| {
+                        r.get(0)
+                    })?;
+                assert_eq!(dead, "dead");
+                done(c, job.id)?;
+                assert!(next_due(c)?.is_none());
+                assert_eq!(pending_count(c)?, 0);
+                Ok(())
+            })
+            .unwrap();
+    }
 }

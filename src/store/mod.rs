@@ -1,7 +1,11 @@
 //! Embedded SQLite: WAL, foreign keys, versioned migrations, and a lock file so that only one
-//! `serve` owns a database. The server reaches it only through [`Store::run`], which moves the
-//! work to Tokio's blocking pool so the async reactor never waits on disk.
+//! `serve` owns a database. The server reaches it only through [`Store::run`] (the one writer
+//! connection) and [`Store::read`] (a few read-only connections), both on Tokio's blocking
+//! pool so the async reactor never waits on disk. WAL lets the readers work on a snapshot
+//! while the writer commits, so a slow list or analytics query never holds up a webhook.
+//! No SQL lives outside this module: callers use the typed functions of its children.
 
+pub mod admin;
 pub mod callpath;
 pub mod calls;
 pub mod jobs;
@@ -16,9 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
+use tokio::sync::Semaphore;
 
 pub const DB_FILE: &str = "voicectl.db";
 pub const LOCK_FILE: &str = "voicectl.lock";
+
+/// Read-only connections beside the writer: enough for a few slow reads at once (lists,
+/// analytics, transcripts) without each needing its own file handles and page cache.
+const READERS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,8 +35,6 @@ pub enum StoreError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("{context}: {source}")]
@@ -45,17 +52,9 @@ pub enum StoreError {
     },
     #[error("database task failed: {0}")]
     Task(String),
-    #[error("rate limit reached; retry in {retry_after_secs} s")]
-    RateLimited { retry_after_secs: u64 },
 }
 
 impl StoreError {
-    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            field: field.to_owned(),
-            message: message.into(),
-        }
-    }
     fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             context: context.into(),
@@ -69,7 +68,54 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    readers: Arc<ReadPool>,
     path: Arc<PathBuf>,
+}
+
+/// Read-only connections, handed out one per [`Store::read`]. The semaphore counts the idle
+/// ones, so a caller waits (asynchronously) for a connection rather than for a thread.
+struct ReadPool {
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+    path: PathBuf,
+}
+
+impl ReadPool {
+    fn open(path: &Path, n: usize) -> Result<ReadPool> {
+        let conns = (0..n)
+            .map(|_| open_reader(path))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ReadPool {
+            idle: Mutex::new(conns),
+            permits: Arc::new(Semaphore::new(n)),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Runs `f` on an idle connection. Async callers hold a permit, so one is there; a
+    /// blocking caller that finds none idle gets a connection of its own for this read.
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => return f(&open_reader(&self.path)?),
+        };
+        let out = f(&conn);
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        out
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 impl Store {
@@ -91,8 +137,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::apply(&conn, &path)?;
+        // After the writer: the database is in WAL mode and its schema current by now.
+        let readers = ReadPool::open(&path, READERS)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(readers),
             path: Arc::new(path),
         })
     }
@@ -111,6 +160,50 @@ impl Store {
         tokio::task::spawn_blocking(move || store.blocking(f))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// [`Store::run`] for work that can also refuse on its own terms: `f`'s error type is the
+    /// caller's, and a task failure arrives as a [`StoreError`] converted into it.
+    pub async fn try_run<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = store.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| E::from(StoreError::Task(e.to_string())))?
+    }
+
+    /// Runs the read-only `f` on one of the read connections, on the blocking pool. For reads
+    /// that may be slow (lists, analytics, transcripts, events): they see the last committed
+    /// state and never wait for, or hold up, the writer.
+    pub async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let permit = Arc::clone(&self.readers.permits)
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let out = readers.with(f);
+            drop(permit);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// [`Store::read`] on this thread. For the CLI.
+    pub fn read_blocking<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        self.readers.with(f)
     }
 
     /// Runs `f` on this thread. For the CLI and for code already on a blocking thread.
@@ -235,6 +328,57 @@ mod tests {
         // Re-opening an up-to-date database applies nothing and keeps working.
         drop(store);
         Store::open(&data).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_long_read_does_not_hold_up_a_write() {
+        use super::tenants::{self, TenantPatch};
+        let (_dir, store) = test_store();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let reader = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .read(move |c| {
+                        let tx = c.unchecked_transaction()?;
+                        let count = || -> Result<i64> {
+                            Ok(tx.query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0))?)
+                        };
+                        let before = count()?;
+                        let _ = started_tx.send(());
+                        // Keep the read transaction open until the write has committed.
+                        let _ = release_rx.recv_timeout(Duration::from_secs(10));
+                        Ok((before, count()?))
+                    })
+                    .await
+            })
+        };
+        started_rx.await.unwrap();
+        let write = store.run(|c| {
+            tenants::create(
+                c,
+                TenantPatch {
+                    name: Some("written".into()),
+                    ..Default::default()
+                },
+            )
+        });
+        // The writer's busy timeout is 5 s: a blocked write would miss this deadline.
+        tokio::time::timeout(Duration::from_secs(2), write)
+            .await
+            .expect("the write waited for a reader")
+            .unwrap();
+        release_tx.send(()).unwrap();
+        let (before, after) = reader.await.unwrap().unwrap();
+        assert_eq!((before, after), (0, 0), "the reader kept its snapshot");
+        let now = store.read(tenants::list).await.unwrap();
+        assert_eq!(now.len(), 1, "a read after the write sees it");
+        let refused = store
+            .read(|c| Ok(c.execute("DELETE FROM tenants", [])?))
+            .await;
+        assert!(matches!(refused, Err(StoreError::Db(_))), "{refused:?}");
+        assert_eq!(store.read_blocking(tenants::list).unwrap().len(), 1);
     }
 
     #[test]

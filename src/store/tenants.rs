@@ -2,12 +2,11 @@
 //! A tenant is addressed by its `name` (a stable slug) everywhere users see it.
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Result, StoreError};
-use crate::config::EngineKind;
+pub use crate::domain::tenant::TenantPatch;
 use crate::ids::random_token;
-use crate::phone::E164;
 use crate::timefmt::{now_ms, rfc3339};
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,109 +28,6 @@ pub struct Tenant {
     pub webhook_secret: Option<String>,
     pub created_at: String,
     pub updated_at: String,
-}
-
-/// Fields to set on create or update. `None` leaves a field alone; for the optional overrides
-/// an empty string clears it (back to the server default).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantPatch {
-    pub name: Option<String>,
-    pub company: Option<String>,
-    pub agent_name: Option<String>,
-    pub system_prompt: Option<String>,
-    pub greeting: Option<String>,
-    pub voice: Option<String>,
-    pub engine: Option<String>,
-    pub from_number: Option<String>,
-    pub numbers: Option<Vec<String>>,
-    pub max_concurrent_calls: Option<u32>,
-    pub calls_per_minute: Option<u32>,
-    pub webhook_url: Option<String>,
-}
-
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = (1..=63).contains(&name.len())
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::invalid(
-            "name",
-            format!(
-                "{name:?} is not a valid tenant name: use 1-63 lower-case letters, digits and '-', starting with a letter or digit"
-            ),
-        ))
-    }
-}
-
-fn check_len(field: &str, v: &Option<String>, max: usize) -> Result<()> {
-    match v {
-        Some(s) if s.chars().count() > max => Err(StoreError::invalid(
-            field,
-            format!("too long ({} characters; at most {max})", s.chars().count()),
-        )),
-        _ => Ok(()),
-    }
-}
-
-impl TenantPatch {
-    fn validate(&self) -> Result<()> {
-        if let Some(n) = &self.name {
-            validate_name(n)?;
-        }
-        check_len("company", &self.company, 200)?;
-        check_len("agent_name", &self.agent_name, 100)?;
-        check_len("system_prompt", &self.system_prompt, 20_000)?;
-        check_len("greeting", &self.greeting, 2_000)?;
-        check_len("voice", &self.voice, 100)?;
-        if let Some(e) = self.engine.as_deref().filter(|e| !e.is_empty())
-            && EngineKind::parse(e).is_none()
-        {
-            let all: Vec<_> = EngineKind::ALL.iter().map(|e| e.as_str()).collect();
-            return Err(StoreError::invalid(
-                "engine",
-                format!("unknown engine {e:?} (one of: {})", all.join(", ")),
-            ));
-        }
-        if let Some(n) = self.from_number.as_deref().filter(|n| !n.is_empty()) {
-            E164::parse(n).map_err(|e| StoreError::invalid("from_number", e.to_string()))?;
-        }
-        if let Some(numbers) = &self.numbers {
-            for (i, n) in numbers.iter().enumerate() {
-                E164::parse(n).map_err(|e| StoreError::invalid("numbers", e.to_string()))?;
-                if numbers[..i].contains(n) {
-                    return Err(StoreError::invalid(
-                        "numbers",
-                        format!("{n} is listed twice"),
-                    ));
-                }
-            }
-        }
-        for (field, v) in [
-            ("max_concurrent_calls", self.max_concurrent_calls),
-            ("calls_per_minute", self.calls_per_minute),
-        ] {
-            if v == Some(0) {
-                return Err(StoreError::invalid(field, "must be at least 1"));
-            }
-        }
-        if let Some(u) = self.webhook_url.as_deref().filter(|u| !u.is_empty()) {
-            match reqwest::Url::parse(u) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-                _ => {
-                    return Err(StoreError::invalid(
-                        "webhook_url",
-                        format!("{u:?} is not an http(s) URL"),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 fn empty_to_none(v: Option<String>) -> Option<Option<String>> {
@@ -200,12 +96,13 @@ fn set_numbers(conn: &Connection, id: i64, numbers: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Creates a tenant from a patch that passed [`TenantPatch::validate_create`].
 pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
-    let name = p
-        .name
-        .clone()
-        .ok_or_else(|| StoreError::invalid("name", "required"))?;
-    p.validate()?;
+    let Some(name) = p.name.clone() else {
+        // Validation (before the store) requires the name; without one there is nothing to
+        // address the tenant by.
+        return Err(StoreError::Conflict("a new tenant needs a name".into()));
+    };
     let tx = conn.transaction()?;
     let exists: bool = tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM tenants WHERE name = ?1)",
@@ -287,14 +184,8 @@ pub fn list(conn: &Connection) -> Result<Vec<Tenant>> {
     Ok(out)
 }
 
+/// Changes tenant `name` with a patch that passed [`TenantPatch::validate_update`].
 pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenant> {
-    if p.name.as_deref().is_some_and(|n| n != name) {
-        return Err(StoreError::invalid(
-            "name",
-            "a tenant's name cannot change (it is its identifier)",
-        ));
-    }
-    p.validate()?;
     let tx = conn.transaction()?;
     let current = get(&tx, name)?;
     let id = current.id;
@@ -392,6 +283,7 @@ pub fn by_number(conn: &Connection, number: &str) -> Result<Option<Tenant>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Invalid;
     use crate::store::test_store;
 
     fn patch(name: &str) -> TenantPatch {
@@ -489,8 +381,9 @@ mod tests {
                         "max_concurrent_calls",
                     ),
                 ] {
-                    match create(c, p) {
-                        Err(StoreError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                    // Validation runs before the store; a refused patch never reaches it.
+                    match p.validate_create() {
+                        Err(Invalid { field: f, .. }) => assert_eq!(f, field),
                         other => panic!("{field}: {other:?}"),
                     }
                 }

@@ -9,8 +9,8 @@
 pub mod sim;
 pub mod twilio;
 
-use crate::calls::CallStatus;
 use crate::config::Config;
+use crate::domain::CallStatus;
 use crate::ids::CallId;
 use twilio::rest::{CreateCall, TwilioClient, TwilioError};
 

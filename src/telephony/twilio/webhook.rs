@@ -1,7 +1,7 @@
 //! Twilio's webhook forms (already signature-checked) parsed into the carrier seam's types.
 
 use super::super::{CarrierUpdate, InboundCall};
-use crate::calls::CallStatus;
+use crate::domain::CallStatus;
 
 fn get<'a>(params: &'a [(String, String)], k: &str) -> Option<&'a str> {
     params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())

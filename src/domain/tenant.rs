@@ -1,0 +1,140 @@
+//! Tenant input: the fields an admin may set, and the rules they must pass before the store
+//! sees them.
+
+use serde::Deserialize;
+
+use super::{EngineKind, Invalid};
+use crate::phone::E164;
+use crate::timefmt::now_ms;
+
+/// Fields to set on create or update. `None` leaves a field alone; for the optional overrides
+/// an empty string clears it (back to the server default).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPatch {
+    pub name: Option<String>,
+    pub company: Option<String>,
+    pub agent_name: Option<String>,
+    pub system_prompt: Option<String>,
+    pub greeting: Option<String>,
+    pub voice: Option<String>,
+    pub engine: Option<String>,
+    pub from_number: Option<String>,
+    pub numbers: Option<Vec<String>>,
+    pub max_concurrent_calls: Option<u32>,
+    pub calls_per_minute: Option<u32>,
+    pub webhook_url: Option<String>,
+}
+
+pub fn validate_name(name: &str) -> Result<(), Invalid> {
+    let ok = (1..=63).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            "name",
+            format!(
+                "{name:?} is not a valid tenant name: use 1-63 lower-case letters, digits and '-', starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+fn check_len(field: &str, v: &Option<String>, max: usize) -> Result<(), Invalid> {
+    match v {
+        Some(s) if s.chars().count() > max => Err(Invalid::new(
+            field,
+            format!("too long ({} characters; at most {max})", s.chars().count()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl TenantPatch {
+    fn validate(&self) -> Result<(), Invalid> {
+        if let Some(n) = &self.name {
+            validate_name(n)?;
+        }
+        check_len("company", &self.company, 200)?;
+        check_len("agent_name", &self.agent_name, 100)?;
+        check_len("system_prompt", &self.system_prompt, 20_000)?;
+        check_len("greeting", &self.greeting, 2_000)?;
+        check_len("voice", &self.voice, 100)?;
+        if let Some(e) = self.engine.as_deref().filter(|e| !e.is_empty())
+            && EngineKind::parse(e).is_none()
+        {
+            let all: Vec<_> = EngineKind::ALL.iter().map(|e| e.as_str()).collect();
+            return Err(Invalid::new(
+                "engine",
+                format!("unknown engine {e:?} (one of: {})", all.join(", ")),
+            ));
+        }
+        if let Some(n) = self.from_number.as_deref().filter(|n| !n.is_empty()) {
+            E164::parse(n).map_err(|e| Invalid::new("from_number", e.to_string()))?;
+        }
+        if let Some(numbers) = &self.numbers {
+            for (i, n) in numbers.iter().enumerate() {
+                E164::parse(n).map_err(|e| Invalid::new("numbers", e.to_string()))?;
+                if numbers[..i].contains(n) {
+                    return Err(Invalid::new("numbers", format!("{n} is listed twice")));
+                }
+            }
+        }
+        for (field, v) in [
+            ("max_concurrent_calls", self.max_concurrent_calls),
+            ("calls_per_minute", self.calls_per_minute),
+        ] {
+            if v == Some(0) {
+                return Err(Invalid::new(field, "must be at least 1"));
+            }
+        }
+        if let Some(u) = self.webhook_url.as_deref().filter(|u| !u.is_empty()) {
+            match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => {
+                    return Err(Invalid::new(
+                        "webhook_url",
+                        format!("{u:?} is not an http(s) URL"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TenantPatch {
+    /// A new tenant: a valid name is required, every given field must pass.
+    pub fn validate_create(&self) -> Result<(), Invalid> {
+        if self.name.is_none() {
+            return Err(Invalid::new("name", "required"));
+        }
+        self.validate()
+    }
+
+    /// A change to tenant `name`: the name itself never changes.
+    pub fn validate_update(&self, name: &str) -> Result<(), Invalid> {
+        if self.name.as_deref().is_some_and(|n| n != name) {
+            return Err(Invalid::new(
+                "name",
+                "a tenant's name cannot change (it is its identifier)",
+            ));
+        }
+        self.validate()
+    }
+}
+
+/// Checks a new API key's label and expiry (a Unix time in ms).
+pub fn validate_key(name: &str, expires_at: Option<i64>) -> Result<(), Invalid> {
+    if name.chars().count() > 100 {
+        return Err(Invalid::new("name", "too long (at most 100 characters)"));
+    }
+    if expires_at.is_some_and(|e| e <= now_ms()) {
+        return Err(Invalid::new("expires", "must be in the future"));
+    }
+    Ok(())
+}
