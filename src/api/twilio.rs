@@ -125,14 +125,7 @@ async fn status(
 ) -> Result<StatusCode, ApiError> {
     let params = signed_form(&s, &uri, &headers, &body).await?;
     let id = call_id(&id)?;
-    let known = s
-        .store()
-        .run({
-            let id = id.to_string();
-            move |c| crate::store::calls::get(c, crate::store::calls::Scope::All, &id).map(|_| ())
-        })
-        .await;
-    if known.is_err() {
+    if !s.calls().knows(id.as_str()).await {
         tracing::warn!(call_id = %id, "status callback for an unknown call");
         return Err(ApiError::not_found("call"));
     }

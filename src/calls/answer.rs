@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::phrases;
 use super::setup::CallSetup;
 use super::shared::Shared;
 use crate::domain::CallStatus;
 use crate::domain::EngineKind;
+use crate::domain::phrases;
 use crate::ids::random_token;
 use crate::store::callpath::{self, Answer, Inbound};
 use crate::store::calls::{self, Transition};
@@ -202,15 +202,6 @@ impl Shared {
         Script::ConnectStream {
             url: self.config().media_url(),
             params: vec![("call_id", id.to_owned()), ("token", token)],
-        }
-    }
-
-    /// Replaces what the caller hears with a short spoken apology and a hang-up (the
-    /// carrier speaks it), so an engine failure is never dead air.
-    pub async fn apologize(&self, sid: &str) {
-        let script = Script::SayHangup(phrases::TECHNICAL_DIFFICULTIES);
-        if let Err(e) = self.carrier.redirect(sid, &script).await {
-            tracing::warn!(call_sid = %sid, error = %e, "cannot play the apology");
         }
     }
 }

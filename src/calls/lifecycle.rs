@@ -10,11 +10,12 @@ use super::error::CallError;
 use super::session::CallEvent;
 use super::shared::Shared;
 use crate::domain::CallStatus;
+use crate::domain::phrases;
 use crate::media::bridge::Outcome;
 use crate::media::leg::Leg;
 use crate::store::calls::{self, Call, Scope, Transition};
 use crate::store::{StoreError, callpath};
-use crate::telephony::CarrierUpdate;
+use crate::telephony::{CarrierUpdate, Script};
 
 impl Shared {
     /// Applies a transition, publishes it to followers, and frees capacity on terminal states.
@@ -84,6 +85,15 @@ impl Shared {
             },
         )
         .await
+    }
+
+    /// Replaces what the caller hears with a short spoken apology and a hang-up (the
+    /// carrier speaks it), so an engine failure is never dead air.
+    pub async fn apologize(&self, sid: &str) {
+        let script = Script::SayHangup(phrases::TECHNICAL_DIFFICULTIES);
+        if let Err(e) = self.carrier.redirect(sid, &script).await {
+            tracing::warn!(call_sid = %sid, error = %e, "cannot play the apology");
+        }
     }
 
     /// A bridge ended: the caller hears an apology if the engine failed (before the stream

@@ -19,7 +19,6 @@ mod error;
 mod intake;
 pub mod jobs;
 mod lifecycle;
-pub mod phrases;
 pub mod session;
 mod setup;
 mod shared;
@@ -162,6 +161,16 @@ impl Calls {
     /// A carrier's media stream for one of our calls, from its start to its end.
     pub async fn serve_stream<L: Leg>(&self, leg: L, start: StreamStart) {
         self.s.serve_stream(leg, start).await
+    }
+
+    /// Whether call `id` exists (a carrier callback for anything else is refused).
+    pub async fn knows(&self, id: &str) -> bool {
+        let id = id.to_owned();
+        self.s
+            .store
+            .run(move |c| crate::store::calls::get(c, Scope::All, &id).map(|_| ()))
+            .await
+            .is_ok()
     }
 
     /// The carrier reports on call `id` (status callback, answering-machine detection).

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use super::answer::token_hash;
-use super::phrases;
 use super::setup::CallSetup;
 use super::shared::Shared;
 use crate::media::bridge::{Bridge, BridgeContext};
@@ -67,7 +66,6 @@ impl Shared {
                     max_duration: setup.max_duration,
                     silence_timeout: cfg.agent.silence_timeout.0,
                     goodbye: cfg.agent.goodbye.clone(),
-                    still_there: phrases::STILL_THERE,
                     metrics: self.metrics.clone(),
                     breakers: self.breakers.clone(),
                 };

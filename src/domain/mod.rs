@@ -9,6 +9,7 @@ pub mod event;
 mod job;
 pub mod layout;
 pub mod net;
+pub mod phrases;
 pub mod tenant;
 
 pub use call::{CallStatus, Direction};

@@ -21,6 +21,7 @@ use super::leg::{Leg, LegEvent};
 use super::playback::Playback;
 use crate::domain::EngineKind;
 use crate::domain::event::CallEvent;
+use crate::domain::phrases;
 use crate::engines::breaker::Breakers;
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ids::CallId;
@@ -51,8 +52,6 @@ pub struct BridgeContext {
     pub max_duration: Duration,
     pub silence_timeout: Duration,
     pub goodbye: String,
-    /// The silence governor's nudge.
-    pub still_there: &'static str,
     pub metrics: Arc<Metrics>,
     pub breakers: Arc<Breakers>,
 }
@@ -250,7 +249,7 @@ impl<L: Leg> Bridge<L> {
                             Silence::Listening => {
                                 b.silence = Silence::Asked;
                                 b.quiet_since = now;
-                                let _ = engine.say(b.cx.still_there).await;
+                                let _ = engine.say(phrases::STILL_THERE).await;
                             }
                             Silence::Asked => {
                                 b.silence = Silence::Closing;
