@@ -92,6 +92,9 @@ async fn close(ws: &mut WebSocket, code: u16, reason: &'static str) {
 
 impl Leg for TwilioLeg {
     async fn recv(&mut self) -> LegEvent<'_> {
+        // Let go of the previous message before reading: it may share the socket's read
+        // buffer, which could then not be reused in place.
+        self.last = Utf8Bytes::from_static("");
         match self.ws.next().await {
             Some(Ok(Message::Text(t))) => self.last = t,
             Some(Ok(Message::Close(_))) | None => return LegEvent::Closed,
