@@ -19,7 +19,7 @@ mod error;
 mod intake;
 pub mod jobs;
 mod lifecycle;
-pub mod session;
+mod session;
 mod setup;
 mod shared;
 mod stream;
@@ -29,12 +29,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use answer::token_hash;
-pub use dialer::TIME_LIMIT_GRACE_SECS;
 pub use error::CallError;
-pub use intake::{CreateCallRequest, NewCall};
+pub use intake::CreateCallRequest;
 pub use session::{CallEvent, Session};
-pub use setup::CallSetup;
 
 use crate::config::Config;
 use crate::media::leg::Leg;
@@ -106,7 +103,8 @@ impl Calls {
         tokio::spawn(jobs::run(self.s.clone()));
     }
 
-    /// See [`Shared::drain`](shared::Shared).
+    /// Graceful stop: no new dialing; live calls get `timeout`, then are ended politely.
+    /// `force` (a second signal) cuts it short.
     pub async fn drain(&self, timeout: Duration, force: CancellationToken) {
         self.s.drain(timeout, force).await
     }
@@ -124,7 +122,7 @@ impl Calls {
         req: CreateCallRequest,
         idempotency_key: Option<String>,
     ) -> Result<(Call, bool), CallError> {
-        let new = NewCall::validate(req, idempotency_key)?;
+        let new = intake::NewCall::validate(req, idempotency_key)?;
         self.s.create(scope, new).await
     }
 

@@ -167,3 +167,36 @@ impl Drop for BridgeGuard {
         self.bridges.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::CallStatus;
+
+    #[tokio::test]
+    async fn finish_announces_ends_and_forgets_but_a_running_bridge_still_counts() {
+        let sessions = Sessions::default();
+        let s = sessions.get_or_create("c1");
+        let mut rx = s.subscribe();
+        let guard = sessions.bridge_started(s.clone());
+        assert!(s.is_bridged());
+        assert_eq!(sessions.bridged_count(), 1);
+        s.set_prewarm(tokio::spawn(async { Err(EngineError::Failed("x".into())) }));
+        sessions.finish(
+            "c1",
+            CallEvent::Status {
+                status: CallStatus::Completed,
+                end_reason: None,
+            },
+        );
+        assert!(sessions.is_empty());
+        assert!(s.end_token().is_cancelled());
+        assert!(s.take_prewarm().is_none());
+        assert!(matches!(rx.recv().await, Ok(CallEvent::Status { .. })));
+        // The bridge is still flushing: drain must wait for it.
+        assert_eq!(sessions.bridged_count(), 1);
+        drop(guard);
+        assert_eq!(sessions.bridged_count(), 0);
+        assert!(!s.is_bridged());
+    }
+}

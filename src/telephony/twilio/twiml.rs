@@ -81,4 +81,22 @@ mod tests {
         let s = say_hangup("Sorry </Say><Dial>+1900</Dial>\u{1}");
         assert!(!s.contains("<Dial>") && !s.contains('\u{1}'), "{s}");
     }
+
+    #[test]
+    fn scripts_render_as_before() {
+        let s = Script::ConnectStream {
+            url: "wss://h/twilio/media".into(),
+            params: vec![("call_id", "c1".into()), ("token", "t".into())],
+        };
+        assert_eq!(
+            render(&s),
+            connect_stream("wss://h/twilio/media", &[("call_id", "c1"), ("token", "t")])
+        );
+        let u = Script::ConnectUrl {
+            url: "wss://uv/join".into(),
+        };
+        assert_eq!(render(&u), connect_stream("wss://uv/join", &[]));
+        assert_eq!(render(&Script::SayHangup("Bye.")), say_hangup("Bye."));
+        assert_eq!(render(&Script::Hangup), hangup());
+    }
 }
