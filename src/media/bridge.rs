@@ -420,3 +420,130 @@ impl<L: Leg> Bridge<L> {
         (self.leg, Outcome { reason, error })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::CallContext;
+    use crate::engines::scripted::ScriptedEngine;
+
+    /// A phone that listens for a while, echoes nothing, then hangs up. Like a real leg,
+    /// `recv` is cancel-safe: the bridge drops it whenever another branch fires.
+    struct FakeLeg {
+        hang_up_at: Instant,
+        audio: Vec<String>,
+        marks: Vec<u64>,
+        flushes: usize,
+        closed: bool,
+    }
+
+    impl Leg for FakeLeg {
+        async fn recv(&mut self) -> LegEvent<'_> {
+            tokio::time::sleep_until(self.hang_up_at).await;
+            LegEvent::Closed
+        }
+        async fn feed_audio(&mut self, payload_b64: &str) -> Result<(), String> {
+            self.audio.push(payload_b64.to_owned());
+            Ok(())
+        }
+        async fn feed_mark(&mut self, seq: u64) -> Result<(), String> {
+            self.marks.push(seq);
+            Ok(())
+        }
+        async fn flush(&mut self) -> Result<(), String> {
+            self.flushes += 1;
+            Ok(())
+        }
+        async fn clear(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        async fn close(&mut self) {
+            self.closed = true;
+        }
+        async fn refuse(&mut self, _why: super::super::leg::Refusal) {}
+    }
+
+    #[tokio::test]
+    async fn any_leg_gets_the_greeting_marked_and_the_outcome_is_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let call_id = CallId::generate();
+        let (events, mut rx) = broadcast::channel(32);
+        let cx = BridgeContext {
+            call_id: call_id.clone(),
+            store,
+            events,
+            end: CancellationToken::new(),
+            wind_down: CancellationToken::new(),
+            engine: EngineKind::Scripted,
+            max_duration: Duration::from_secs(60),
+            silence_timeout: Duration::from_secs(60),
+            goodbye: "Bye.".into(),
+            metrics: Arc::new(Metrics::new()),
+            breakers: Arc::new(Breakers::default()),
+        };
+        let engine = Engine::Scripted(Box::new(ScriptedEngine::new(CallContext {
+            call_id,
+            tenant: "t".into(),
+            inbound: false,
+            system_prompt: String::new(),
+            greeting: "Hello there.".into(),
+            voice: String::new(),
+            script: vec![],
+            goodbye: "Bye.".into(),
+        })));
+        let leg = FakeLeg {
+            hang_up_at: Instant::now() + Duration::from_millis(300),
+            audio: vec![],
+            marks: vec![],
+            flushes: 0,
+            closed: false,
+        };
+        let (leg, outcome) = Bridge::run(cx, leg, Ok(engine)).await;
+        assert_eq!(outcome.reason, "caller_hangup");
+        assert!(outcome.error.is_none() && !outcome.engine_failed());
+        assert!(!leg.audio.is_empty());
+        // Each agent frame leaves with one flush (with its mark, when due); the tail of the
+        // utterance gets a mark (and a flush) of its own on the next tick.
+        assert!(leg.flushes > leg.audio.len());
+        assert!(leg.marks.len() >= 2 && leg.marks.windows(2).all(|w| w[1] == w[0] + 1));
+        // The bridge leaves the leg open: the call domain decides what the phone hears last.
+        assert!(!leg.closed);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(CallEvent::Transcript {
+                speaker: "agent",
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_never_started_ends_the_bridge_with_engine_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cx = BridgeContext {
+            call_id: CallId::generate(),
+            store: Store::open(dir.path()).unwrap(),
+            events: broadcast::channel(32).0,
+            end: CancellationToken::new(),
+            wind_down: CancellationToken::new(),
+            engine: EngineKind::OpenAiRealtime,
+            max_duration: Duration::from_secs(60),
+            silence_timeout: Duration::from_secs(60),
+            goodbye: "Bye.".into(),
+            metrics: Arc::new(Metrics::new()),
+            breakers: Arc::new(Breakers::default()),
+        };
+        let leg = FakeLeg {
+            hang_up_at: Instant::now() + Duration::from_secs(60),
+            audio: vec![],
+            marks: vec![],
+            flushes: 0,
+            closed: false,
+        };
+        let (leg, outcome) = Bridge::run(cx, leg, Err("connect failed".into())).await;
+        assert!(outcome.engine_failed());
+        assert_eq!(outcome.error.as_deref(), Some("connect failed"));
+        assert!(leg.audio.is_empty() && !leg.closed);
+    }
+}
