@@ -4,6 +4,7 @@
 //! `cli` and `config` drive it, `server` runs it.
 
 pub mod api;
+pub mod audio;
 pub mod auth;
 pub mod calls;
 pub mod cli;

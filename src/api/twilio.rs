@@ -166,7 +166,7 @@ async fn media(
     let m = s.calls().clone();
     Ok(ws
         .max_message_size(256 * 1024)
-        .read_buffer_size(crate::media::WS_READ_BUFFER)
+        .read_buffer_size(crate::audio::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             if let Some((leg, start)) = stream::accept(socket).await {
                 m.serve_stream(leg, start).await;

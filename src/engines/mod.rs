@@ -18,13 +18,13 @@ pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens an engine's WebSocket the way the bridge needs it: small read buffer (see
-/// [`crate::media::WS_READ_BUFFER`]) and no Nagle, since caller frames must leave at once.
+/// [`crate::audio::WS_READ_BUFFER`]) and no Nagle, since caller frames must leave at once.
 pub(crate) async fn connect_ws<R>(req: R) -> Result<Ws, tokio_tungstenite::tungstenite::Error>
 where
     R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 {
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(crate::media::WS_READ_BUFFER);
+        .read_buffer_size(crate::audio::WS_READ_BUFFER);
     let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
     Ok(ws)
 }

@@ -17,8 +17,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::{CallContext, EngineError, EngineEvent, Speaker, Ws};
+use crate::audio::is_base64;
 use crate::config::OpenAiConfig;
-use crate::telephony::twilio::media::is_base64;
 
 /// Connecting and configuring the session must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use base64::Engine as _;
 
 use super::{CallContext, EngineEvent, ItemId, Speaker};
-use crate::media::mulaw;
+use crate::audio::mulaw;
 
 /// A frame is "loud" above this mean absolute amplitude (of 32767).
 const LOUD: u32 = 600;
@@ -44,7 +44,7 @@ impl ScriptedEngine {
             speech_frames: 0,
             items: 0,
             done: false,
-            decode_buf: Vec::with_capacity(crate::media::MULAW_FRAME_BYTES),
+            decode_buf: Vec::with_capacity(crate::audio::MULAW_FRAME_BYTES),
         }
     }
 

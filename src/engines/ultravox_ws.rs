@@ -15,8 +15,8 @@ use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 
 use super::ultravox::{Medium, NewCall, UltravoxClient};
 use super::{CallContext, EngineError, EngineEvent, Speaker, Ws};
+use crate::audio::mulaw;
 use crate::config::Config;
-use crate::media::mulaw;
 
 /// Creating the Ultravox call and joining it must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -293,7 +293,7 @@ impl<L: Leg> Bridge<L> {
     ) -> Result<(), String> {
         match ev {
             EngineEvent::AgentAudio { item, payload_b64 } => {
-                if self.dropped_items.contains(&item) || !super::is_base64(&payload_b64) {
+                if self.dropped_items.contains(&item) || !crate::audio::is_base64(&payload_b64) {
                     return Ok(());
                 }
                 // base64 length → bytes without decoding.

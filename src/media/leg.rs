@@ -35,7 +35,7 @@ pub enum Refusal {
 pub trait Leg: Send {
     /// The next event from the phone side; borrowed audio lives until the next call.
     fn recv(&mut self) -> impl Future<Output = LegEvent<'_>> + Send;
-    /// Queues agent audio (base64 μ-law 8 kHz, checked by [`super::is_base64`]).
+    /// Queues agent audio (base64 μ-law 8 kHz, checked by [`crate::audio::is_base64`]).
     fn feed_audio(&mut self, payload_b64: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Queues mark `seq`: its echo ([`LegEvent::Mark`]) says what was sent before it played.
     fn feed_mark(&mut self, seq: u64) -> impl Future<Output = Result<(), String>> + Send;

@@ -1,42 +1,11 @@
-//! Audio on the call path: formats, the μ-law codec, and the bridge between a phone leg
-//! ([`leg::Leg`]) and a voice engine.
+//! The bridge between a phone leg ([`leg::Leg`]) and a voice engine, and the playback
+//! accounting it needs for barge-in.
 
 pub mod bridge;
 pub mod leg;
-pub mod mulaw;
 mod playback;
 
-/// Formats that cross our edges. Twilio speaks only μ-law 8 kHz mono.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AudioFormat {
-    /// G.711 μ-law, 8 kHz, mono: 8 bytes per millisecond.
-    Mulaw8k,
-    /// Signed 16-bit little-endian PCM, 8 kHz, mono.
-    Pcm16At8k,
-}
-
-impl AudioFormat {
-    pub fn bytes_per_ms(self) -> usize {
-        match self {
-            Self::Mulaw8k => 8,
-            Self::Pcm16At8k => 16,
-        }
-    }
-}
-
-/// One 20 ms phone frame of μ-law: 160 bytes.
-pub const FRAME_MS: u64 = 20;
-pub const MULAW_FRAME_BYTES: usize = 160;
-
-/// Read buffer of each call-path WebSocket (phone stream and engine session). tungstenite's
-/// default of 128 KiB is zero-filled on every read and stays resident per socket: with two
-/// sockets per call that was ~300 kB and several µs of memset per frame. Our messages are a
-/// few hundred bytes (larger ones still fit: the buffer grows for a frame that needs it).
-pub const WS_READ_BUFFER: usize = 4096;
-
-/// True for strings that can be placed inside a JSON string literal without escaping and are
-/// base64: what any leg may require of agent audio it splices into its frames.
-pub fn is_base64(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
-}
+// The old paths of what moved to `audio` (tests, benches and the simulator use them).
+pub use crate::audio::{
+    AudioFormat, FRAME_MS, MULAW_FRAME_BYTES, WS_READ_BUFFER, is_base64, mulaw,
+};

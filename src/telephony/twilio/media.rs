@@ -181,7 +181,7 @@ fn json_safe(s: &str, extra: &[u8]) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
-pub use crate::media::is_base64;
+pub use crate::audio::is_base64;
 
 /// Stream SIDs are `MZ` + hex in practice; anything JSON-safe and short is accepted.
 pub fn is_valid_stream_sid(s: &str) -> bool {
