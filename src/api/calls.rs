@@ -16,9 +16,9 @@ use super::{ApiError, AppState, Auth};
 use crate::calls::CallStatus;
 use crate::calls::{CallError, CallEvent, CreateCallRequest};
 use crate::domain::RateLimited;
+use crate::domain::timefmt;
 use crate::store::calls::{self, Call, Cursor, ListQuery, Scope};
 use crate::store::tenants;
-use crate::timefmt;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -78,7 +78,7 @@ async fn request_context(mut req: Request, next: Next) -> Response {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| crate::ids::random_token(16));
+        .unwrap_or_else(|| crate::domain::ids::random_token(16));
     let method = req.method().clone();
     // The path only: query strings may carry tokens.
     let path = req.uri().path().to_owned();

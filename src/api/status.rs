@@ -7,11 +7,11 @@ use axum::extract::State;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::timefmt::{now_ms, rfc3339};
 use crate::http::error::Json;
 use crate::http::{ApiError, AppState, Auth};
 use crate::ops::metrics::circuit;
 use crate::store::calls;
-use crate::timefmt::{now_ms, rfc3339};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {

@@ -11,9 +11,9 @@ use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::config::HumanDuration;
 use crate::domain::tenant::validate_key;
+use crate::domain::timefmt::now_ms;
 use crate::store::keys::{self, CreatedKey, KeyInfo};
 use crate::store::tenants::{self, Tenant, TenantPatch};
-use crate::timefmt::now_ms;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

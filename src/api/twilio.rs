@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 
 use super::error::Path;
 use super::{ApiError, AppState};
-use crate::ids::CallId;
+use crate::domain::ids::CallId;
 use crate::ops::net::ClientIp;
 use crate::telephony::twilio::{signature, stream, twiml as render, webhook};
 

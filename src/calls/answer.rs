@@ -10,8 +10,8 @@ use super::setup::CallSetup;
 use super::shared::Shared;
 use crate::domain::CallStatus;
 use crate::domain::EngineKind;
+use crate::domain::ids::random_token;
 use crate::domain::phrases;
-use crate::ids::random_token;
 use crate::store::callpath::{self, Answer, Inbound};
 use crate::store::calls::{self, Transition};
 use crate::telephony::{CarrierUpdate, InboundCall, Script};
@@ -81,7 +81,7 @@ impl Shared {
         let hash = token_hash(&token);
         // Inbound calls get no status callbacks unless the operator set one up, so the call
         // is also settled by asking the carrier while it lasts.
-        let reconcile_at = crate::timefmt::now_ms() + super::jobs::RECONCILE_EVERY_MS;
+        let reconcile_at = crate::domain::timefmt::now_ms() + super::jobs::RECONCILE_EVERY_MS;
         let (to_c, from_c, sid_c) = (to.clone(), from.clone(), sid.clone());
         let result = self
             .store

@@ -8,7 +8,7 @@ use super::error::CallError;
 use super::shared::Shared;
 use crate::config::HumanDuration;
 use crate::domain::EngineKind;
-use crate::phone::E164;
+use crate::domain::phone::E164;
 use crate::store::calls::{self, Call, OutboundRequest, Scope};
 use crate::store::tenants;
 

@@ -13,10 +13,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::shared::Shared;
+use crate::domain::timefmt::now_ms;
 use crate::store::calls::{self, Scope};
 use crate::store::jobs::{self, Job, JobKind};
 use crate::store::{StoreError, tenants};
-use crate::timefmt::now_ms;
 
 /// Attempts before an event is given up (marked `dead`); about a day of retries.
 const MAX_ATTEMPTS: i64 = 16;
@@ -142,7 +142,7 @@ async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, 
     let body = serde_json::json!({
         "id": event_id,
         "type": "call.ended",
-        "created_at": crate::timefmt::rfc3339(now_ms()),
+        "created_at": crate::domain::timefmt::rfc3339(now_ms()),
         "call": call,
         "transcript": transcript,
     })

@@ -135,7 +135,7 @@ impl Shared {
             }
             // The carrier's `completed` callback normally closes the record; if it never
             // comes (lost, or the call lingers), the carrier is asked shortly.
-            let at = crate::timefmt::now_ms() + 15_000;
+            let at = crate::domain::timefmt::now_ms() + 15_000;
             let rid = id.to_owned();
             let _ = self
                 .store

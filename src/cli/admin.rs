@@ -11,10 +11,10 @@ use super::{Ctx, output};
 use crate::config::HumanDuration;
 use crate::domain::Invalid;
 use crate::domain::tenant::validate_key;
+use crate::domain::timefmt::now_ms;
 use crate::store::keys::{self, KeyInfo};
 use crate::store::tenants::{self, Tenant, TenantPatch};
 use crate::store::{Store, StoreError, admin};
-use crate::timefmt::now_ms;
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCmd {

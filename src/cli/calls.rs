@@ -68,7 +68,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn call(ctx: &Ctx, args: CallArgs) -> anyhow::Result<ExitCode> {
-    crate::phone::E164::parse(&args.number)?;
+    crate::domain::phone::E164::parse(&args.number)?;
     let cfg = ctx.load_config()?;
     let server = LocalServer::connect(&cfg)?;
     let mut body = serde_json::json!({ "to": args.number });

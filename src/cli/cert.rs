@@ -55,7 +55,7 @@ fn with_days_left(s: &TlsStatus) -> anyhow::Result<Value> {
 fn when(secs: Option<i64>) -> String {
     secs.map_or_else(
         || "-".into(),
-        |s| crate::timefmt::rfc3339(s.saturating_mul(1000)),
+        |s| crate::domain::timefmt::rfc3339(s.saturating_mul(1000)),
     )
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::phone::E164;
+use crate::domain::phone::E164;
 
 /// The commented template `voicectl init` renders; its defaults must match `Default` below
 /// (a unit test parses it).

@@ -2,15 +2,19 @@
 //! nothing of ours above it (see ARCHITECTURE.md): no I/O beyond the data-dir files, no SQL,
 //! no HTTP.
 
+pub mod apikey;
 mod call;
 mod engine;
 mod errors;
 pub mod event;
+pub mod ids;
 mod job;
 pub mod layout;
 pub mod net;
+pub mod phone;
 pub mod phrases;
 pub mod tenant;
+pub mod timefmt;
 
 pub use call::{CallStatus, Direction};
 pub use engine::EngineKind;

@@ -4,8 +4,8 @@
 use serde::Deserialize;
 
 use super::{EngineKind, Invalid};
-use crate::phone::E164;
-use crate::timefmt::now_ms;
+use crate::domain::phone::E164;
+use crate::domain::timefmt::now_ms;
 
 /// Fields to set on create or update. `None` leaves a field alone; for the optional overrides
 /// an empty string clears it (back to the server default).

@@ -11,7 +11,7 @@ pub mod ultravox_ws;
 use serde::Serialize;
 
 use crate::config::{Config, EngineKind, UltravoxMedium};
-use crate::ids::CallId;
+use crate::domain::ids::CallId;
 
 /// An engine session's socket.
 pub(crate) type Ws =

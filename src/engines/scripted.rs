@@ -164,7 +164,7 @@ pub fn synthesize(text: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::CallId;
+    use crate::domain::ids::CallId;
 
     fn ctx() -> CallContext {
         CallContext {

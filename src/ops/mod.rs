@@ -102,7 +102,7 @@ impl Ops {
             trusted_proxies: nets("server.trusted_proxies", &config.server.trusted_proxies),
             metrics_allow: nets("server.metrics_allow", &config.server.metrics_allow),
             max_header_bytes: l.max_header_bytes,
-            started_ms: crate::timefmt::now_ms(),
+            started_ms: crate::domain::timefmt::now_ms(),
         }))
     }
 

@@ -8,8 +8,8 @@ use subtle::ConstantTimeEq;
 use super::calls::{self, Call, CallDetail, Scope};
 use super::tenants::{self, Tenant};
 use super::{Result, StoreError};
+use crate::domain::timefmt::now_ms;
 use crate::domain::{CallStatus, EngineKind, JobKind};
-use crate::timefmt::now_ms;
 
 /// What the call path needs to run the engine of a call: its record and its tenant.
 pub struct CallData {

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Result;
 pub use crate::domain::JobKind;
-use crate::timefmt::now_ms;
+use crate::domain::timefmt::now_ms;
 
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -4,9 +4,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{Result, StoreError, tenants};
-use crate::auth;
-use crate::ids::KeyId;
-use crate::timefmt::{now_ms, rfc3339, rfc3339_opt};
+use crate::domain::apikey as auth;
+use crate::domain::ids::KeyId;
+use crate::domain::timefmt::{now_ms, rfc3339, rfc3339_opt};
 
 /// Who a request acts as.
 #[derive(Debug, Clone, PartialEq, Eq)]

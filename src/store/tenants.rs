@@ -5,9 +5,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{Result, StoreError};
+use crate::domain::ids::random_token;
 pub use crate::domain::tenant::TenantPatch;
-use crate::ids::random_token;
-use crate::timefmt::{now_ms, rfc3339};
+use crate::domain::timefmt::{now_ms, rfc3339};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Tenant {

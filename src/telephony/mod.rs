@@ -11,7 +11,7 @@ pub mod twilio;
 
 use crate::config::Config;
 use crate::domain::CallStatus;
-use crate::ids::CallId;
+use crate::domain::ids::CallId;
 use twilio::rest::{CreateCall, TwilioClient, TwilioError};
 
 /// What the carrier should do with a call now.

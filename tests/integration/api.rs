@@ -11,7 +11,7 @@ use tower::ServiceExt;
 use voicectl::api::{AppState, app};
 use voicectl::calls::{CallStatus, Direction};
 use voicectl::config::Config;
-use voicectl::ids::CallId;
+use voicectl::domain::ids::CallId;
 use voicectl::store::{Store, calls, keys, tenants};
 
 struct Fixture {

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::Scope;
 use crate::domain::CallStatus;
+use crate::domain::timefmt::rfc3339;
 use crate::store::Result;
-use crate::timefmt::rfc3339;
 
 #[derive(Debug, Serialize)]
 pub struct Analytics {

@@ -7,8 +7,8 @@ use super::add_event;
 use super::records::{COLUMNS, from_row};
 use super::{Call, Scope};
 use crate::domain::CallStatus;
+use crate::domain::timefmt::now_ms;
 use crate::store::Result;
-use crate::timefmt::now_ms;
 
 /// Queued calls, oldest first: the dialer's work list.
 pub fn queued(conn: &Connection, limit: u32) -> Result<Vec<(String, i64, i64)>> {
@@ -133,7 +133,7 @@ pub fn open_counts(conn: &Connection) -> Result<OpenCounts> {
 mod tests {
     use super::*;
     use crate::domain::Direction;
-    use crate::ids::CallId;
+    use crate::domain::ids::CallId;
     use crate::store::calls::{NewCall, insert};
     use crate::store::{tenants, tenants::TenantPatch, test_store};
 

@@ -5,10 +5,10 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::add_event;
+use crate::domain::ids::CallId;
+use crate::domain::timefmt::{now_ms, rfc3339, rfc3339_opt};
 use crate::domain::{CallStatus, Direction, RateLimited};
-use crate::ids::CallId;
 use crate::store::{Result, StoreError};
-use crate::timefmt::{now_ms, rfc3339, rfc3339_opt};
 
 /// The call object of SPEC §3.
 #[derive(Debug, Clone, Serialize)]

@@ -4,10 +4,10 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Call, Scope, get};
+use crate::domain::timefmt::now_ms;
 use crate::domain::{CallStatus, JobKind};
 use crate::store::jobs::{self, NewJob};
 use crate::store::{Result, StoreError};
-use crate::timefmt::now_ms;
 
 /// A requested state change, from a provider callback or from our own side.
 #[derive(Debug, Clone, Default)]
@@ -324,7 +324,7 @@ pub fn events(conn: &Connection, id: &str) -> Result<Vec<(i64, String, serde_jso
 mod tests {
     use super::*;
     use crate::domain::Direction;
-    use crate::ids::CallId;
+    use crate::domain::ids::CallId;
     use crate::store::calls::{NewCall, insert};
     use crate::store::{tenants, tenants::TenantPatch, test_store};
 

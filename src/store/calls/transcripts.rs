@@ -75,8 +75,8 @@ pub fn transcript(conn: &Connection, scope: Scope, id: &str) -> Result<Vec<Trans
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::CallId;
     use crate::domain::{CallStatus, Direction};
-    use crate::ids::CallId;
     use crate::store::calls::{NewCall, insert, set_error};
     use crate::store::{tenants, tenants::TenantPatch, test_store};
 

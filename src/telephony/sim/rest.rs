@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::call::{self, OutboundRequest, StatusSubscription};
 use super::model::{CallStatus, EndReason, RestLogEntry, SimCallRecord};
 use super::{Inner, rfc2822};
-use crate::phone::E164;
+use crate::domain::phone::E164;
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
     Router::new().fallback(handle).with_state(inner)

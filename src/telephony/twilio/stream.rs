@@ -8,7 +8,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 
 use super::media::{self, Event};
-use crate::ids::CallId;
+use crate::domain::ids::CallId;
 use crate::media::leg::{Leg, LegEvent, Refusal};
 use crate::telephony::StreamStart;
 

@@ -5,7 +5,7 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::ids::{KeyId, random_token};
+use crate::domain::ids::{KeyId, random_token};
 
 const SECRET_LEN: usize = 32;
 
