@@ -44,7 +44,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         });
     let resp = match admitted {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     };
     ops.metrics()
         .record_http(method, &route, resp.status().as_u16(), started.elapsed());

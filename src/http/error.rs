@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::domain::Invalid;
+use crate::ops::Refused;
 use crate::proxy::ProxyError;
 use crate::store::StoreError;
 
@@ -194,6 +195,27 @@ pub async fn shape_errors(resp: Response) -> Response {
         }
     }
     new
+}
+
+/// Refusals of the ops layer (rate limits, oversized headers) in the SPEC shape.
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> Self {
+        let message = r.to_string();
+        match r {
+            Refused::RateLimited {
+                retry_after_secs, ..
+            } => {
+                let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+                e.retry_after = Some(retry_after_secs);
+                e
+            }
+            Refused::HeadersTooLarge { .. } => ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                message,
+            ),
+        }
+    }
 }
 
 /// Proxy failures in the SPEC shape; details of upstream failures go to the log (see

@@ -15,9 +15,8 @@ pub mod sdnotify;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 
-use crate::api::ApiError;
 use crate::config::Config;
 use metrics::Metrics;
 use net::IpNet;
@@ -51,6 +50,18 @@ impl LimitClass {
             LimitClass::Webhook => "webhook",
         }
     }
+}
+
+/// Why a request was refused before any handler ran; the HTTP layer maps it to 429 or 431.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("{message} (retry in {retry_after_secs} s)")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("request line and headers exceed {max} bytes")]
+    HeadersTooLarge { max: usize },
 }
 
 /// Cheap to clone.
@@ -127,7 +138,7 @@ impl Ops {
     }
 
     /// The per-IP request budget for `class`; Err is a ready 429.
-    pub fn check_request_rate(&self, class: LimitClass, ip: IpAddr) -> Result<(), ApiError> {
+    pub fn check_request_rate(&self, class: LimitClass, ip: IpAddr) -> Result<(), Refused> {
         let limiter = match class {
             LimitClass::Api => &self.0.api,
             LimitClass::Webhook => &self.0.webhook,
@@ -148,7 +159,7 @@ impl Ops {
         &self,
         tenant_id: i64,
         per_minute: Option<u32>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Refused> {
         let n = per_minute
             .filter(|n| *n > 0)
             .unwrap_or(self.0.tenant_calls_per_minute);
@@ -167,7 +178,7 @@ impl Ops {
     /// A WebSocket slot for `ip` (`limits.max_websockets_per_ip`; IPv6 counted per /64). Take
     /// it before upgrading and move it into the socket's task; the slot frees when the guard
     /// drops. Err is a ready 429.
-    pub fn websocket_guard(&self, ip: IpAddr) -> Result<WsGuard, ApiError> {
+    pub fn websocket_guard(&self, ip: IpAddr) -> Result<WsGuard, Refused> {
         match self.0.websockets.try_acquire(net::limit_key(ip)) {
             Ok(slot) => {
                 self.0.metrics.websockets_active.inc();
@@ -178,22 +189,19 @@ impl Ops {
             }
             Err(e) => {
                 self.rejected("websocket");
-                let mut err = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!(
+                Err(Refused::RateLimited {
+                    message: format!(
                         "too many open WebSocket connections from your address (at most {})",
                         e.max
                     ),
-                );
-                err.retry_after = Some(1);
-                Err(err)
+                    retry_after_secs: 1,
+                })
             }
         }
     }
 
     /// Requests whose line and headers exceed `limits.max_header_bytes` get 431.
-    pub fn check_header_size(&self, uri_len: usize, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub fn check_header_size(&self, uri_len: usize, headers: &HeaderMap) -> Result<(), Refused> {
         let size = uri_len
             + headers
                 .iter()
@@ -203,14 +211,9 @@ impl Ops {
             return Ok(());
         }
         self.rejected("headers");
-        Err(ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            format!(
-                "request line and headers exceed {} bytes",
-                self.0.max_header_bytes
-            ),
-        ))
+        Err(Refused::HeadersTooLarge {
+            max: self.0.max_header_bytes,
+        })
     }
 
     fn rejected(&self, limit: &str) {
@@ -218,15 +221,11 @@ impl Ops {
     }
 }
 
-fn too_many(r: RetryAfter, message: &str) -> ApiError {
-    let secs = r.as_header_secs();
-    let mut e = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        format!("{message} (retry in {secs} s)"),
-    );
-    e.retry_after = Some(secs);
-    e
+fn too_many(r: RetryAfter, message: &str) -> Refused {
+    Refused::RateLimited {
+        message: message.to_owned(),
+        retry_after_secs: r.as_header_secs(),
+    }
 }
 
 /// One WebSocket slot; see [`Ops::websocket_guard`].
@@ -244,6 +243,7 @@ impl Drop for WsGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn paths_map_to_their_budget() {
@@ -268,7 +268,7 @@ mod tests {
         let ops = Ops::new(&Config::dev());
         assert!(ops.check_tenant_call_rate(1, Some(2)).is_ok());
         assert!(ops.check_tenant_call_rate(1, Some(2)).is_ok());
-        let e = ops.check_tenant_call_rate(1, Some(2)).unwrap_err();
+        let e = crate::http::ApiError::from(ops.check_tenant_call_rate(1, Some(2)).unwrap_err());
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(e.retry_after, Some(30));
         assert!(e.message.contains("2 calls per minute"), "{}", e.message);
@@ -285,7 +285,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let g = ops.websocket_guard(ip).unwrap();
         assert_eq!(ops.metrics().websockets_active.get(), 1);
-        let e = ops.websocket_guard(ip).err().unwrap();
+        let e = crate::http::ApiError::from(ops.websocket_guard(ip).err().unwrap());
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         drop(g);
         assert_eq!(ops.metrics().websockets_active.get(), 0);

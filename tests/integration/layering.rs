@@ -177,7 +177,6 @@ fn references(me: &[String], code: &str, known: &BTreeSet<Vec<String>>) -> BTree
 }
 
 #[test]
-#[ignore = "switched on when the issue-10 moves have all landed"]
 fn modules_respect_the_layers_and_have_no_import_cycles() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
