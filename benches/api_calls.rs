@@ -361,7 +361,7 @@ webhook_requests_per_second_per_ip = 100000
                 };
                 let latency_us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 let ordinal = done.fetch_add(1, Relaxed);
-                if (ordinal + 1) % bucket == 0 || ordinal + 1 == total {
+                if (ordinal + 1).is_multiple_of(bucket) || ordinal + 1 == total {
                     let m = Mark {
                         at: Instant::now(),
                         server_cpu_us: cpu_us(&pid),
@@ -535,7 +535,7 @@ fn print_report(a: &Args, r: &Report) {
 }
 
 fn fmt_k(n: u64) -> String {
-    if n % 1000 == 0 {
+    if n.is_multiple_of(1000) {
         format!("{}", n / 1000)
     } else {
         format!("{:.1}", n as f64 / 1000.0)
