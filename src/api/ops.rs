@@ -86,10 +86,7 @@ async fn metrics(State(state): State<AppState>, ClientIp(ip): ClientIp) -> Respo
     }
     ops.metrics().draining.set(i64::from(state.is_draining()));
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
         ops.metrics().render(),
     )
         .into_response()

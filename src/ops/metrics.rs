@@ -1,15 +1,30 @@
-//! A small Prometheus registry: counters, gauges and fixed-bucket histograms, optionally
-//! labelled, rendered in the text exposition format (0.0.4).
+//! Every metric voicectl exports, as named handles over a `prometheus-client` registry,
+//! served in the Prometheus text format (0.0.4).
 //!
-//! Hot paths only touch atomics; labelled families add one read-locked map lookup. Every
-//! metric voicectl exports is a field of [`Metrics`], so the full list, names and help texts
-//! live in one place, and [`Metrics::render`] writes them in that order.
+//! Every metric is a field of [`Metrics`], so the full list, names and help texts live in one
+//! place. Partly hand-written: the crate's families neither cap their series nor list them
+//! (`/api/v1/status` reads them back), and process statistics come from `/proc`.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::{Family as Series, MetricConstructor};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Metric, Registry};
+
+/// A monotonically increasing count.
+pub type Counter = prometheus_client::metrics::counter::Counter;
+/// A value that goes up and down (integers: counts, states, Unix timestamps).
+pub type Gauge = prometheus_client::metrics::gauge::Gauge;
+/// Observations counted into fixed buckets (upper bounds, ascending), plus their sum.
+pub type Histogram = prometheus_client::metrics::histogram::Histogram;
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// A family stops growing at this many label combinations; further ones share one series
 /// whose labels all read `_overflow`, so a labelling mistake cannot exhaust memory.
@@ -29,310 +44,117 @@ pub const CALL_DURATION_BUCKETS: &[f64] = &[
     5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
 ];
 
-/// A monotonically increasing count.
-#[derive(Default)]
-pub struct Counter(AtomicU64);
+fn histogram(bounds: &'static [f64]) -> Histogram {
+    Histogram::new(bounds.iter().copied())
+}
 
-impl Counter {
-    pub fn inc(&self) {
-        self.inc_by(1);
-    }
-    pub fn inc_by(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+/// Makes each new histogram of a family with the family's buckets.
+#[derive(Clone, Copy)]
+pub struct Buckets(&'static [f64]);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        histogram(self.0)
     }
 }
 
-/// A value that goes up and down (integers: counts, states, Unix timestamps).
-#[derive(Default)]
-pub struct Gauge(AtomicI64);
-
-impl Gauge {
-    pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-    pub fn add(&self, d: i64) {
-        self.0.fetch_add(d, Ordering::Relaxed);
-    }
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn dec(&self) {
-        self.add(-1);
-    }
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Observations counted into fixed buckets (upper bounds, ascending), plus their sum.
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// Non-cumulative counts; the last slot is the implicit `+Inf` bucket.
-    counts: Box<[AtomicU64]>,
-    /// f64 bits, updated with a compare-exchange loop.
-    sum: AtomicU64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0f64.to_bits()),
-        }
-    }
-
-    pub fn observe(&self, v: f64) {
-        if v.is_nan() {
-            return;
-        }
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| v <= *b)
-            .unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        let mut cur = self.sum.load(Ordering::Relaxed);
-        loop {
-            let next = (f64::from_bits(cur) + v).to_bits();
-            match self
-                .sum
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    pub fn observe_duration(&self, d: Duration) {
-        self.observe(d.as_secs_f64());
-    }
-
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-
-    pub fn sum(&self) -> f64 {
-        f64::from_bits(self.sum.load(Ordering::Relaxed))
-    }
-}
-
-/// Label values (for rendering) and the series they name.
-type Series<M> = (Box<[String]>, Arc<M>);
+/// Label names and values, in the family's label order.
+type Labels = Vec<(&'static str, String)>;
 
 /// One metric per combination of label values.
-pub struct Family<M> {
+pub struct Family<M, C = fn() -> M> {
     labels: &'static [&'static str],
-    /// Keyed by the values joined with U+001F (which never appears in a sane label value);
-    /// the values themselves are kept for rendering.
-    series: RwLock<HashMap<String, Series<M>>>,
-    make: Box<dyn Fn() -> M + Send + Sync>,
+    series: Series<Labels, M, C>,
+    /// Label values of every series, in creation order; also serialises the creation of new
+    /// series so the cap counts each once.
+    created: Mutex<Vec<Vec<String>>>,
 }
 
-impl<M> Family<M> {
-    pub fn new(
-        labels: &'static [&'static str],
-        make: impl Fn() -> M + Send + Sync + 'static,
-    ) -> Self {
+impl<M: Clone, C: MetricConstructor<M>> Family<M, C> {
+    fn with_constructor(labels: &'static [&'static str], make: C) -> Self {
         Family {
             labels,
-            series: RwLock::new(HashMap::new()),
-            make: Box::new(make),
+            series: Series::new_with_constructor(make),
+            created: Mutex::new(Vec::new()),
         }
+    }
+
+    fn label_set(&self, values: &[String]) -> Labels {
+        self.labels
+            .iter()
+            .copied()
+            .zip(values.iter().cloned())
+            .collect()
     }
 
     /// The series for these label values (in the family's label order), created on first use.
     /// Label values must come from a small fixed set (route templates, statuses, engine
     /// names), never from request data.
-    pub fn with(&self, values: &[&str]) -> Arc<M> {
+    pub fn with(&self, values: &[&str]) -> M {
         debug_assert_eq!(values.len(), self.labels.len(), "label count");
-        let key = values.join("\u{1f}");
-        {
-            // A poisoned lock only means a panic elsewhere; the map is still consistent.
-            let map = self.series.read().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, m)) = map.get(&key) {
-                return m.clone();
-            }
+        let values: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        let key = self.label_set(&values);
+        if let Some(m) = self.series.get(&key) {
+            return m.clone();
         }
-        let mut map = self.series.write().unwrap_or_else(|p| p.into_inner());
-        let (key, values): (String, Box<[String]>) =
-            if map.len() >= MAX_SERIES_PER_FAMILY && !map.contains_key(&key) {
-                let v: Box<[String]> = self.labels.iter().map(|_| OVERFLOW.to_owned()).collect();
-                (v.join("\u{1f}"), v)
-            } else {
-                (key, values.iter().map(|v| (*v).to_owned()).collect())
-            };
-        map.entry(key)
-            .or_insert_with(|| (values, Arc::new((self.make)())))
-            .1
-            .clone()
+        // A poisoned lock only means a panic elsewhere; the list is still consistent.
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        if self.series.get(&key).is_some() {
+            return self.series.get_or_create_owned(&key);
+        }
+        let (key, values) = if created.len() >= MAX_SERIES_PER_FAMILY {
+            let v: Vec<String> = self.labels.iter().map(|_| OVERFLOW.to_owned()).collect();
+            (self.label_set(&v), v)
+        } else {
+            (key, values)
+        };
+        if self.series.get(&key).is_none() {
+            created.push(values);
+        }
+        self.series.get_or_create_owned(&key)
     }
-}
 
-impl<M> Family<M> {
+    /// How many series exist (at most [`MAX_SERIES_PER_FAMILY`] + 1).
+    pub fn len(&self) -> usize {
+        self.created.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every series with its label values, sorted by them.
-    pub fn snapshot(&self) -> Vec<(Vec<String>, Arc<M>)> {
-        let map = self.series.read().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<_> = map.values().map(|(v, m)| (v.to_vec(), m.clone())).collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+    pub fn snapshot(&self) -> Vec<(Vec<String>, M)> {
+        let mut all: Vec<Vec<String>> = self
+            .created
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        all.sort();
+        all.into_iter()
+            .map(|v| {
+                let m = self.series.get_or_create_owned(&self.label_set(&v));
+                (v, m)
+            })
+            .collect()
     }
 }
 
 impl Family<Counter> {
     pub fn counter(labels: &'static [&'static str]) -> Self {
-        Self::new(labels, Counter::default)
+        Self::with_constructor(labels, Counter::default)
     }
 }
 
 impl Family<Gauge> {
     pub fn gauge(labels: &'static [&'static str]) -> Self {
-        Self::new(labels, Gauge::default)
+        Self::with_constructor(labels, Gauge::default)
     }
 }
 
-impl Family<Histogram> {
+impl Family<Histogram, Buckets> {
     pub fn histogram(labels: &'static [&'static str], bounds: &'static [f64]) -> Self {
-        Self::new(labels, move || Histogram::new(bounds))
-    }
-}
-
-/// Something that writes its samples under a metric name.
-pub trait Render {
-    const KIND: &'static str;
-    /// `labels` is already rendered (`a="x",b="y"`) or empty.
-    fn samples(&self, name: &str, labels: &str, out: &mut String);
-}
-
-fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
-    if labels.is_empty() {
-        let _ = writeln!(out, "{name} {value}");
-    } else {
-        let _ = writeln!(out, "{name}{{{labels}}} {value}");
-    }
-}
-
-impl Render for Counter {
-    const KIND: &'static str = "counter";
-    fn samples(&self, name: &str, labels: &str, out: &mut String) {
-        sample(out, name, labels, self.get());
-    }
-}
-
-impl Render for Gauge {
-    const KIND: &'static str = "gauge";
-    fn samples(&self, name: &str, labels: &str, out: &mut String) {
-        sample(out, name, labels, self.get());
-    }
-}
-
-impl Render for Histogram {
-    const KIND: &'static str = "histogram";
-    fn samples(&self, name: &str, labels: &str, out: &mut String) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let bucket = format!("{name}_bucket");
-        let mut cumulative = 0u64;
-        for (i, c) in self.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = match self.bounds.get(i) {
-                Some(b) => fmt_f64(*b),
-                None => "+Inf".to_owned(),
-            };
-            sample(
-                out,
-                &bucket,
-                &format!("{labels}{sep}le=\"{le}\""),
-                cumulative,
-            );
-        }
-        sample(out, &format!("{name}_sum"), labels, fmt_f64(self.sum()));
-        sample(out, &format!("{name}_count"), labels, cumulative);
-    }
-}
-
-impl<M: Render> Render for Family<M> {
-    const KIND: &'static str = M::KIND;
-    fn samples(&self, name: &str, _: &str, out: &mut String) {
-        for (values, m) in self.snapshot() {
-            let labels: Vec<String> = self
-                .labels
-                .iter()
-                .zip(values.iter())
-                .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
-                .collect();
-            m.samples(name, &labels.join(","), out);
-        }
-    }
-}
-
-/// A value computed when scraped (process statistics).
-struct Computed {
-    kind: &'static str,
-    value: f64,
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn fmt_f64(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else {
-        format!("{v}")
-    }
-}
-
-/// Writes one metric family: `# HELP`, `# TYPE`, samples.
-pub struct Exposition {
-    out: String,
-}
-
-impl Exposition {
-    pub fn new() -> Self {
-        Exposition { out: String::new() }
-    }
-
-    pub fn metric<M: Render>(&mut self, name: &str, help: &str, m: &M) -> &mut Self {
-        self.header(name, help, M::KIND);
-        m.samples(name, "", &mut self.out);
-        self
-    }
-
-    fn computed(&mut self, name: &str, help: &str, c: Option<Computed>) -> &mut Self {
-        if let Some(c) = c {
-            self.header(name, help, c.kind);
-            sample(&mut self.out, name, "", fmt_f64(c.value));
-        }
-        self
-    }
-
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    pub fn finish(self) -> String {
-        self.out
-    }
-}
-
-impl Default for Exposition {
-    fn default() -> Self {
-        Self::new()
+        Self::with_constructor(labels, Buckets(bounds))
     }
 }
 
@@ -357,7 +179,7 @@ pub mod circuit {
 /// - `certificate_expiry.with(&[domain]).set(not_after_unix_secs)`.
 pub struct Metrics {
     pub http_requests: Family<Counter>,
-    pub http_request_duration: Family<Histogram>,
+    pub http_request_duration: Family<Histogram, Buckets>,
     pub rate_limited: Family<Counter>,
     pub websockets_active: Gauge,
     pub draining: Gauge,
@@ -365,22 +187,34 @@ pub struct Metrics {
     pub calls_queued: Gauge,
     pub calls_finished: Family<Counter>,
     pub call_duration: Histogram,
-    pub greeting_latency: Family<Histogram>,
-    pub turn_latency: Family<Histogram>,
-    pub barge_in_latency: Family<Histogram>,
+    pub greeting_latency: Family<Histogram, Buckets>,
+    pub turn_latency: Family<Histogram, Buckets>,
+    pub barge_in_latency: Family<Histogram, Buckets>,
     pub media_frames: Family<Counter>,
     pub engine_errors: Family<Counter>,
     pub engine_circuit_state: Family<Gauge>,
     pub certificate_expiry: Family<Gauge>,
-    build_info: Family<Gauge>,
-    start_time: f64,
+    registry: Registry,
+}
+
+/// Registers under `name` (counters without their `_total`, which the encoder appends).
+fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    // The registry ends every help text with a full stop itself.
+    registry.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+}
+
+impl<M, C> Family<M, C>
+where
+    Series<Labels, M, C>: Metric + Clone,
+{
+    fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        register(registry, name, help, self.series.clone());
+    }
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let build_info = Family::gauge(&["version"]);
-        build_info.with(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Metrics {
+        let m = Metrics {
             http_requests: Family::counter(&["method", "route", "status"]),
             http_request_duration: Family::histogram(&["route"], HTTP_BUCKETS),
             rate_limited: Family::counter(&["limit"]),
@@ -389,7 +223,7 @@ impl Metrics {
             calls_active: Gauge::default(),
             calls_queued: Gauge::default(),
             calls_finished: Family::counter(&["status"]),
-            call_duration: Histogram::new(CALL_DURATION_BUCKETS),
+            call_duration: histogram(CALL_DURATION_BUCKETS),
             greeting_latency: Family::histogram(&["engine"], LATENCY_BUCKETS),
             turn_latency: Family::histogram(&["engine"], LATENCY_BUCKETS),
             barge_in_latency: Family::histogram(&["engine"], LATENCY_BUCKETS),
@@ -397,9 +231,109 @@ impl Metrics {
             engine_errors: Family::counter(&["engine", "kind"]),
             engine_circuit_state: Family::gauge(&["engine"]),
             certificate_expiry: Family::gauge(&["domain"]),
-            build_info,
+            registry: Registry::default(),
+        };
+        m.registered()
+    }
+
+    fn registered(mut self) -> Metrics {
+        let r = &mut self.registry;
+        let build_info = Family::gauge(&["version"]);
+        build_info.with(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info.register(
+            r,
+            "voicectl_build_info",
+            "Always 1; the version label says which voicectl is running.",
+        );
+        r.register_collector(Box::new(Process {
             start_time: process_start_time(),
-        }
+        }));
+        self.http_requests.register(
+            r,
+            "voicectl_http_requests",
+            "HTTP requests answered, by method, matched route template and status code.",
+        );
+        self.http_request_duration.register(
+            r,
+            "voicectl_http_request_duration_seconds",
+            "Time to answer HTTP requests, by matched route template.",
+        );
+        self.rate_limited.register(
+            r,
+            "voicectl_rate_limited",
+            "Requests refused by a rate or concurrency limit (api, webhook, websocket, tenant_calls, headers).",
+        );
+        register(
+            r,
+            "voicectl_websockets_active",
+            "WebSocket connections currently held.",
+            self.websockets_active.clone(),
+        );
+        register(
+            r,
+            "voicectl_draining",
+            "1 while the server drains before stopping, else 0.",
+            self.draining.clone(),
+        );
+        register(
+            r,
+            "voicectl_calls_active",
+            "Calls currently live (initiating, ringing or in progress).",
+            self.calls_active.clone(),
+        );
+        register(
+            r,
+            "voicectl_calls_queued",
+            "Calls waiting for a free slot (queue depth).",
+            self.calls_queued.clone(),
+        );
+        self.calls_finished.register(
+            r,
+            "voicectl_calls_finished",
+            "Calls that reached a final status, by status.",
+        );
+        register(
+            r,
+            "voicectl_call_duration_seconds",
+            "Duration of answered calls, in seconds.",
+            self.call_duration.clone(),
+        );
+        self.greeting_latency.register(
+            r,
+            "voicectl_greeting_latency_seconds",
+            "From answer to the first agent audio sent to the caller, by engine.",
+        );
+        self.turn_latency.register(
+            r,
+            "voicectl_turn_latency_seconds",
+            "From the caller's end of speech to the first agent audio, by engine.",
+        );
+        self.barge_in_latency.register(
+            r,
+            "voicectl_barge_in_latency_seconds",
+            "From detected caller speech to agent audio stopped, by engine.",
+        );
+        self.media_frames.register(
+            r,
+            "voicectl_media_frames",
+            "Media frames relayed, by direction (in: from the caller, out: to the caller).",
+        );
+        self.engine_errors.register(
+            r,
+            "voicectl_engine_errors",
+            "Voice engine errors, by engine and kind.",
+        );
+        self.engine_circuit_state.register(
+            r,
+            "voicectl_engine_circuit_state",
+            "Circuit breaker per engine: 0 closed, 1 half-open, 2 open.",
+        );
+        self.certificate_expiry.register(
+            r,
+            "voicectl_tls_certificate_expiry_timestamp_seconds",
+            "Expiry (notAfter) of the served certificate, by domain, as a Unix timestamp.",
+        );
+        self
     }
 
     /// One HTTP request, labelled by the matched route template (never the raw path).
@@ -408,132 +342,70 @@ impl Metrics {
         self.http_requests.with(&[method, route, &status]).inc();
         self.http_request_duration
             .with(&[route])
-            .observe_duration(elapsed);
+            .observe(elapsed.as_secs_f64());
     }
 
-    /// The whole exposition, as served on `GET /metrics`.
+    /// The whole exposition, as served on `GET /metrics` (with [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut e = Exposition::new();
-        e.metric(
-            "voicectl_build_info",
-            "Always 1; the version label says which voicectl is running.",
-            &self.build_info,
-        )
-        .computed(
-            "process_start_time_seconds",
-            "Start time of the process since the Unix epoch, in seconds.",
-            Some(Computed {
-                kind: "gauge",
-                value: self.start_time,
-            }),
-        )
-        .computed(
-            "process_cpu_seconds_total",
-            "User and system CPU time spent, in seconds.",
-            proc_cpu_seconds(),
-        )
-        .computed(
-            "process_resident_memory_bytes",
-            "Resident memory size, in bytes.",
-            proc_resident_bytes(),
-        )
-        .computed(
-            "process_open_fds",
-            "Open file descriptors.",
-            proc_open_fds(),
-        )
-        .computed(
-            "process_max_fds",
-            "Limit on open file descriptors (LimitNOFILE).",
-            proc_max_fds(),
-        )
-        .metric(
-            "voicectl_http_requests_total",
-            "HTTP requests answered, by method, matched route template and status code.",
-            &self.http_requests,
-        )
-        .metric(
-            "voicectl_http_request_duration_seconds",
-            "Time to answer HTTP requests, by matched route template.",
-            &self.http_request_duration,
-        )
-        .metric(
-            "voicectl_rate_limited_total",
-            "Requests refused by a rate or concurrency limit (api, webhook, websocket, tenant_calls, headers).",
-            &self.rate_limited,
-        )
-        .metric(
-            "voicectl_websockets_active",
-            "WebSocket connections currently held.",
-            &self.websockets_active,
-        )
-        .metric(
-            "voicectl_draining",
-            "1 while the server drains before stopping, else 0.",
-            &self.draining,
-        )
-        .metric(
-            "voicectl_calls_active",
-            "Calls currently live (initiating, ringing or in progress).",
-            &self.calls_active,
-        )
-        .metric(
-            "voicectl_calls_queued",
-            "Calls waiting for a free slot (queue depth).",
-            &self.calls_queued,
-        )
-        .metric(
-            "voicectl_calls_finished_total",
-            "Calls that reached a final status, by status.",
-            &self.calls_finished,
-        )
-        .metric(
-            "voicectl_call_duration_seconds",
-            "Duration of answered calls, in seconds.",
-            &self.call_duration,
-        )
-        .metric(
-            "voicectl_greeting_latency_seconds",
-            "From answer to the first agent audio sent to the caller, by engine.",
-            &self.greeting_latency,
-        )
-        .metric(
-            "voicectl_turn_latency_seconds",
-            "From the caller's end of speech to the first agent audio, by engine.",
-            &self.turn_latency,
-        )
-        .metric(
-            "voicectl_barge_in_latency_seconds",
-            "From detected caller speech to agent audio stopped, by engine.",
-            &self.barge_in_latency,
-        )
-        .metric(
-            "voicectl_media_frames_total",
-            "Media frames relayed, by direction (in: from the caller, out: to the caller).",
-            &self.media_frames,
-        )
-        .metric(
-            "voicectl_engine_errors_total",
-            "Voice engine errors, by engine and kind.",
-            &self.engine_errors,
-        )
-        .metric(
-            "voicectl_engine_circuit_state",
-            "Circuit breaker per engine: 0 closed, 1 half-open, 2 open.",
-            &self.engine_circuit_state,
-        )
-        .metric(
-            "voicectl_tls_certificate_expiry_timestamp_seconds",
-            "Expiry (notAfter) of the served certificate, by domain, as a Unix timestamp.",
-            &self.certificate_expiry,
-        );
-        e.finish()
+        let mut out = String::new();
+        // Writing into a String cannot fail, and our collector never errors.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        out
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Process statistics, read from `/proc` when scraped.
+#[derive(Debug)]
+struct Process {
+    start_time: f64,
+}
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauges = [
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds.",
+                Some(self.start_time),
+            ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size, in bytes.",
+                proc_resident_bytes(),
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors.",
+                proc_open_fds(),
+            ),
+            (
+                "process_max_fds",
+                "Limit on open file descriptors (LimitNOFILE).",
+                proc_max_fds(),
+            ),
+        ];
+        if let Some(v) = proc_cpu_seconds() {
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(m)?;
+        }
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(v).encode(m)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -568,39 +440,30 @@ fn clock_ticks() -> Option<f64> {
     (t > 0).then_some(t as f64)
 }
 
-fn proc_cpu_seconds() -> Option<Computed> {
+fn proc_cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let mut f = rest.split_whitespace().skip(11);
     let utime: f64 = f.next()?.parse().ok()?;
     let stime: f64 = f.next()?.parse().ok()?;
-    Some(Computed {
-        kind: "counter",
-        value: (utime + stime) / clock_ticks()?,
-    })
+    Some((utime + stime) / clock_ticks()?)
 }
 
-fn proc_resident_bytes() -> Option<Computed> {
+fn proc_resident_bytes() -> Option<f64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    (page > 0).then_some(Computed {
-        kind: "gauge",
-        value: pages * page as f64,
-    })
+    (page > 0).then_some(pages * page as f64)
 }
 
-fn proc_open_fds() -> Option<Computed> {
+fn proc_open_fds() -> Option<f64> {
     let n = std::fs::read_dir("/proc/self/fd").ok()?.count();
-    Some(Computed {
-        kind: "gauge",
-        // read_dir itself holds one descriptor while counting.
-        value: n.saturating_sub(1) as f64,
-    })
+    // read_dir itself holds one descriptor while counting.
+    Some(n.saturating_sub(1) as f64)
 }
 
-fn proc_max_fds() -> Option<Computed> {
+fn proc_max_fds() -> Option<f64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -609,24 +472,36 @@ fn proc_max_fds() -> Option<Computed> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return None;
     }
-    Some(Computed {
-        kind: "gauge",
-        value: lim.rlim_cur as f64,
-    })
+    Some(lim.rlim_cur as f64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The sample lines of `family` registered as `name`.
+    fn samples<M, C>(family: &Family<M, C>, name: &str) -> String
+    where
+        Series<Labels, M, C>: Metric + Clone,
+    {
+        let mut r = Registry::default();
+        family.register(&mut r, name, "test");
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &r).unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     #[test]
     fn histogram_is_cumulative_with_sum_and_count() {
-        let h = Histogram::new(&[0.1, 1.0]);
+        let f = Family::histogram(&["a"], &[0.1, 1.0]);
+        let h = f.with(&["b"]);
         for v in [0.05, 0.1, 0.5, 3.0] {
             h.observe(v);
         }
-        let mut out = String::new();
-        h.samples("x_seconds", "a=\"b\"", &mut out);
+        let out = samples(&f, "x_seconds");
         assert_eq!(
             out,
             "x_seconds_bucket{a=\"b\",le=\"0.1\"} 2\n\
@@ -641,14 +516,13 @@ mod tests {
     fn families_escape_labels_and_cap_series() {
         let f = Family::counter(&["route"]);
         f.with(&["/a\"b\\c\nd"]).inc();
-        let mut out = String::new();
-        f.samples("t_total", "", &mut out);
+        let out = samples(&f, "t");
         assert_eq!(out, "t_total{route=\"/a\\\"b\\\\c\\nd\"} 1\n");
         for i in 0..MAX_SERIES_PER_FAMILY + 50 {
             f.with(&[&format!("r{i}")]).inc();
         }
         assert_eq!(
-            f.series.read().unwrap().len(),
+            f.len(),
             MAX_SERIES_PER_FAMILY + 1,
             "extra series share the overflow one"
         );
