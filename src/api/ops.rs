@@ -86,7 +86,7 @@ async fn metrics(State(state): State<AppState>, ClientIp(ip): ClientIp) -> Respo
     }
     ops.metrics().draining.set(i64::from(state.is_draining()));
     (
-        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        [(header::CONTENT_TYPE, crate::ops::metrics::CONTENT_TYPE)],
         ops.metrics().render(),
     )
         .into_response()
