@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::engines::breaker::Breakers;
 use crate::engines::ultravox::UltravoxClient;
 use crate::ops::metrics::Metrics;
+use crate::ops::ratelimit::TenantCalls;
 use crate::store::Store;
 use crate::telephony::Carrier;
 
@@ -33,6 +34,8 @@ pub struct Shared {
     pub sessions: Sessions,
     pub breakers: Arc<Breakers>,
     pub metrics: Arc<Metrics>,
+    /// Per-tenant call creation rates, in memory (`POST /calls` never counts rows).
+    pub tenant_calls: TenantCalls,
     pub wake: Wakers,
     draining: AtomicBool,
     pub shutdown: CancellationToken,
@@ -48,6 +51,7 @@ impl Shared {
     ) -> anyhow::Result<Self> {
         let carrier = Carrier::from_config(&config)?;
         let ultravox = UltravoxClient::new(&config.ultravox)?;
+        let metrics = Arc::new(Metrics::new());
         Ok(Self {
             store,
             config: RwLock::new(config),
@@ -55,7 +59,8 @@ impl Shared {
             ultravox,
             sessions: Sessions::default(),
             breakers: Arc::new(Breakers::default()),
-            metrics: Arc::new(Metrics::new()),
+            tenant_calls: TenantCalls::new(&metrics),
+            metrics,
             wake: Wakers::default(),
             draining: AtomicBool::new(false),
             shutdown,

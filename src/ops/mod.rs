@@ -20,7 +20,7 @@ use axum::http::HeaderMap;
 use crate::config::Config;
 use metrics::Metrics;
 use net::IpNet;
-use ratelimit::{ConnGuard, ConnLimiter, KeyedLimiter, Quota, RetryAfter};
+use ratelimit::{ConnGuard, ConnLimiter, KeyedLimiter, RetryAfter, per_second};
 
 /// Which per-IP budget a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +72,6 @@ struct Inner {
     metrics: Arc<Metrics>,
     api: KeyedLimiter<IpAddr>,
     webhook: KeyedLimiter<IpAddr>,
-    tenant_calls: KeyedLimiter<i64>,
-    tenant_calls_per_minute: u32,
     websockets: ConnLimiter<IpAddr>,
     trusted_proxies: Vec<IpNet>,
     metrics_allow: Vec<IpNet>,
@@ -105,10 +103,8 @@ impl Ops {
         };
         Ops(Arc::new(Inner {
             metrics,
-            api: KeyedLimiter::new(Quota::per_second(l.api_requests_per_second_per_ip)),
-            webhook: KeyedLimiter::new(Quota::per_second(l.webhook_requests_per_second_per_ip)),
-            tenant_calls: KeyedLimiter::new(Quota::per_minute(l.calls_per_minute_per_tenant)),
-            tenant_calls_per_minute: l.calls_per_minute_per_tenant,
+            api: KeyedLimiter::new(per_second(l.api_requests_per_second_per_ip)),
+            webhook: KeyedLimiter::new(per_second(l.webhook_requests_per_second_per_ip)),
             websockets: ConnLimiter::new(l.max_websockets_per_ip),
             trusted_proxies: nets("server.trusted_proxies", &config.server.trusted_proxies),
             metrics_allow: nets("server.metrics_allow", &config.server.metrics_allow),
@@ -150,29 +146,6 @@ impl Ops {
                 "too many requests from your address; slow down and retry later",
             )
         })
-    }
-
-    /// Per-tenant call creation rate: `per_minute` is the tenant's own `calls_per_minute`, or
-    /// None for `limits.calls_per_minute_per_tenant`. Call once per new call; Err is a
-    /// ready 429 naming the limit.
-    pub fn check_tenant_call_rate(
-        &self,
-        tenant_id: i64,
-        per_minute: Option<u32>,
-    ) -> Result<(), Refused> {
-        let n = per_minute
-            .filter(|n| *n > 0)
-            .unwrap_or(self.0.tenant_calls_per_minute);
-        self.0
-            .tenant_calls
-            .check_with(&tenant_id, Quota::per_minute(n))
-            .map_err(|r| {
-                self.rejected("tenant_calls");
-                too_many(
-                    r,
-                    &format!("this tenant may start at most {n} calls per minute"),
-                )
-            })
     }
 
     /// A WebSocket slot for `ip` (`limits.max_websockets_per_ip`; IPv6 counted per /64). Take
@@ -261,20 +234,6 @@ mod tests {
         ] {
             assert_eq!(LimitClass::for_path(p), c, "{p}");
         }
-    }
-
-    #[test]
-    fn tenant_call_rate_uses_override_and_says_so() {
-        let ops = Ops::new(&Config::dev());
-        assert!(ops.check_tenant_call_rate(1, Some(2)).is_ok());
-        assert!(ops.check_tenant_call_rate(1, Some(2)).is_ok());
-        let e = crate::http::ApiError::from(ops.check_tenant_call_rate(1, Some(2)).unwrap_err());
-        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(e.retry_after, Some(30));
-        assert!(e.message.contains("2 calls per minute"), "{}", e.message);
-        // Another tenant has its own budget.
-        assert!(ops.check_tenant_call_rate(2, Some(2)).is_ok());
-        assert_eq!(ops.metrics().rate_limited.with(&["tenant_calls"]).get(), 1);
     }
 
     #[test]

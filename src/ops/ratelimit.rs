@@ -1,50 +1,41 @@
-//! Rate limits without a global lock: keyed GCRA token buckets ([`KeyedLimiter`]) and
-//! per-key concurrency caps ([`ConnLimiter`]), both sharded so concurrent requests for
-//! different keys rarely touch the same mutex.
+//! Rate limits: keyed GCRA limiters from `governor` ([`KeyedLimiter`], [`TenantCalls`]) and
+//! a per-key concurrency cap ([`ConnLimiter`]). The cap stays hand-written: governor limits
+//! rates, not how many connections a key holds at once.
 //!
-//! Memory stays bounded under a flood of distinct keys: a bucket that has refilled completely
-//! is indistinguishable from no bucket, so it is dropped (swept periodically and whenever a
-//! shard is full); past the hard cap the buckets nearest to full are dropped first, which at
-//! worst hands those clients a fresh burst.
+//! Memory stays bounded under a flood of distinct keys: a key that has rested completely is
+//! indistinguishable from no key, so rested keys are swept periodically, and every second
+//! while a limiter tracks more than its `max_keys`.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use super::metrics::{Counter, Metrics};
+
 const SHARDS: usize = 32;
-/// Keys tracked per limiter before eviction kicks in (~100 bytes each).
+/// Keys tracked per limiter before sweeps run every second (~100 bytes each).
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+const SWEEP_WHEN_FULL: Duration = Duration::from_secs(1);
+/// Checks between two looks at the clock and the key count.
+const SWEEP_CHECK_EVERY: u64 = 1024;
 
-/// How many events a key may have: `burst` at once, refilling at `rate` per second.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Quota {
-    /// Time between two events at the sustained rate.
-    interval: Duration,
-    /// How far ahead of the sustained rate a key may run: `interval * (burst - 1)`.
-    tolerance: Duration,
+/// `count` events per second, all of which may come at once.
+pub fn per_second(count: u32) -> Quota {
+    Quota::per_second(NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN))
 }
 
-impl Quota {
-    /// `count` events per `period`, all of which may come at once.
-    pub fn new(count: u32, period: Duration) -> Quota {
-        let count = count.max(1);
-        let interval = period / count;
-        Quota {
-            interval,
-            tolerance: interval * (count - 1),
-        }
-    }
-
-    pub fn per_second(count: u32) -> Quota {
-        Self::new(count, Duration::from_secs(1))
-    }
-
-    pub fn per_minute(count: u32) -> Quota {
-        Self::new(count, Duration::from_secs(60))
-    }
+/// `count` events per minute, all of which may come at once.
+pub fn per_minute(count: u32) -> Quota {
+    Quota::per_minute(NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN))
 }
 
 /// A rejected event: how long until the key may try again.
@@ -70,112 +61,154 @@ impl std::fmt::Display for RetryAfter {
     }
 }
 
-struct Shard<K> {
-    /// GCRA's "theoretical arrival time" per key: the key is exactly at its limit when this
-    /// lies `tolerance` in the future, and fully rested when it lies in the past.
-    tat: HashMap<K, Instant>,
-    last_sweep: Instant,
-}
-
-/// Token buckets keyed by `K` (client IP, tenant id, …).
+/// A governor keyed limiter (client IP, tenant id, …) whose rested keys get swept.
 ///
 /// ```
-/// use voicectl::ops::ratelimit::{KeyedLimiter, Quota};
-/// let per_tenant = KeyedLimiter::new(Quota::per_minute(60));
+/// use voicectl::ops::ratelimit::{KeyedLimiter, per_minute};
+/// let per_tenant = KeyedLimiter::new(per_minute(60));
 /// assert!(per_tenant.check(&42_i64).is_ok());
-/// // A tenant with its own limit:
-/// assert!(per_tenant.check_with(&7_i64, Quota::per_minute(5)).is_ok());
 /// ```
-pub struct KeyedLimiter<K> {
-    quota: Quota,
-    shards: Box<[Mutex<Shard<K>>]>,
-    max_per_shard: usize,
-    hasher: RandomState,
+pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
+    limiter: RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<C::Instant>>,
+    max_keys: usize,
+    checks: AtomicU64,
+    last_sweep: Mutex<Instant>,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     pub fn new(quota: Quota) -> Self {
-        Self::with_max_keys(quota, DEFAULT_MAX_KEYS)
+        Self::with_clock(quota, DEFAULT_MAX_KEYS, DefaultClock::default())
     }
+}
 
-    pub fn with_max_keys(quota: Quota, max_keys: usize) -> Self {
-        let now = Instant::now();
-        let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    tat: HashMap::new(),
-                    last_sweep: now,
-                })
-            })
-            .collect();
+impl<K: Hash + Eq + Clone, C: Clock> KeyedLimiter<K, C> {
+    pub fn with_clock(quota: Quota, max_keys: usize, clock: C) -> Self {
         KeyedLimiter {
-            quota,
-            shards,
-            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
+            limiter: RateLimiter::dashmap_with_clock(quota, clock),
+            max_keys,
+            checks: AtomicU64::new(0),
+            last_sweep: Mutex::new(Instant::now()),
         }
     }
 
-    /// Takes one event for `key` under the limiter's quota.
+    /// Takes one event for `key`.
     pub fn check(&self, key: &K) -> Result<(), RetryAfter> {
-        self.check_at(key, self.quota, Instant::now())
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SWEEP_CHECK_EVERY)
+        {
+            self.maybe_sweep();
+        }
+        self.limiter
+            .check_key(key)
+            .map_err(|n| RetryAfter(n.wait_time_from(self.limiter.clock().now())))
     }
 
-    /// Takes one event for `key` under `quota` (for keys with their own limit, e.g. a tenant's
-    /// `calls_per_minute`). Use one quota per key consistently.
-    pub fn check_with(&self, key: &K, quota: Quota) -> Result<(), RetryAfter> {
-        self.check_at(key, quota, Instant::now())
+    fn maybe_sweep(&self) {
+        // Another thread sweeping is as good as this one sweeping.
+        let Ok(mut last) = self.last_sweep.try_lock() else {
+            return;
+        };
+        let due = if self.limiter.len() > self.max_keys {
+            SWEEP_WHEN_FULL
+        } else {
+            SWEEP_EVERY
+        };
+        if last.elapsed() >= due {
+            self.sweep();
+            *last = Instant::now();
+        }
     }
 
-    pub fn check_at(&self, key: &K, quota: Quota, now: Instant) -> Result<(), RetryAfter> {
-        let mut shard = self.shard(key);
-        if now.saturating_duration_since(shard.last_sweep) >= SWEEP_EVERY {
-            shard.tat.retain(|_, tat| *tat > now);
-            shard.last_sweep = now;
-        }
-        if let Some(tat) = shard.tat.get_mut(key) {
-            let start = (*tat).max(now);
-            let ahead = start - now;
-            if ahead > quota.tolerance {
-                return Err(RetryAfter(ahead - quota.tolerance));
-            }
-            *tat = start + quota.interval;
-            return Ok(());
-        }
-        if shard.tat.len() >= self.max_per_shard {
-            evict(&mut shard.tat, now, self.max_per_shard);
-        }
-        shard.tat.insert(key.clone(), now + quota.interval);
-        Ok(())
+    /// Drops every key that has rested completely.
+    pub fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
     }
 
     /// Keys currently tracked (for tests and metrics).
     pub fn tracked_keys(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).tat.len()).sum()
-    }
-
-    fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K>> {
-        let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
-        lock(&self.shards[i])
+        self.limiter.len()
     }
 }
 
-/// Makes room in a full shard: first drop every rested key, then, if the shard is still full
-/// (a flood of active keys), the eighth of keys nearest to rested.
-fn evict<K: Hash + Eq>(map: &mut HashMap<K, Instant>, now: Instant, cap: usize) {
-    map.retain(|_, tat| *tat > now);
-    if map.len() < cap {
-        return;
+/// A tenant went over its call-creation rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantCallsLimited {
+    pub per_minute: u32,
+    pub retry_after: RetryAfter,
+}
+
+impl std::fmt::Display for TenantCallsLimited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this tenant may start at most {} calls per minute (retry in {} s)",
+            self.per_minute,
+            self.retry_after.as_header_secs()
+        )
     }
-    let mut tats: Vec<Instant> = map.values().copied().collect();
-    let n = (tats.len() / 8).max(1);
-    let (_, cutoff, _) = tats.select_nth_unstable(n - 1);
-    let cutoff = *cutoff;
-    map.retain(|_, tat| *tat > cutoff);
+}
+
+/// Per-tenant call creation rates, in memory. A governor limiter holds one quota, so there is
+/// one keyed limiter per distinct `calls_per_minute` in use (a handful); a tenant whose quota
+/// changes (its own, or the default on a reload) starts afresh under the new one.
+#[derive(Clone)]
+pub struct TenantCalls {
+    by_quota: Arc<RwLock<HashMap<u32, Arc<KeyedLimiter<i64>>>>>,
+    rejected: Counter,
+}
+
+impl TenantCalls {
+    pub fn new(metrics: &Metrics) -> TenantCalls {
+        TenantCalls {
+            by_quota: Arc::default(),
+            rejected: metrics.rate_limited.with(&["tenant_calls"]),
+        }
+    }
+
+    /// Takes one new call for `tenant_id`: `own` is the tenant's `calls_per_minute`, else
+    /// `default` (`limits.calls_per_minute_per_tenant`). Call once per call actually created
+    /// (not for idempotent replays).
+    pub fn check(
+        &self,
+        tenant_id: i64,
+        own: Option<u32>,
+        default: u32,
+    ) -> Result<(), TenantCallsLimited> {
+        let n = own.filter(|n| *n > 0).unwrap_or(default).max(1);
+        let limiter = self.limiter(n);
+        limiter.check(&tenant_id).map_err(|retry_after| {
+            self.rejected.inc();
+            TenantCallsLimited {
+                per_minute: n,
+                retry_after,
+            }
+        })
+    }
+
+    fn limiter(&self, n: u32) -> Arc<KeyedLimiter<i64>> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        if let Some(l) = self
+            .by_quota
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&n)
+        {
+            return l.clone();
+        }
+        self.by_quota
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(n)
+            .or_insert_with(|| Arc::new(KeyedLimiter::new(per_minute(n))))
+            .clone()
+    }
 }
 
 /// A poisoned shard only means a panic elsewhere while it was held; the map inside is still a
-/// valid map of timestamps, so keep using it rather than failing every request.
+/// valid map of counts, so keep using it rather than failing every request.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -270,70 +303,81 @@ impl<K: Hash + Eq + Clone> Drop for ConnGuard<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn limiter<K: Hash + Eq + Clone>(
+        q: Quota,
+        max_keys: usize,
+    ) -> (KeyedLimiter<K, FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (KeyedLimiter::with_clock(q, max_keys, clock.clone()), clock)
+    }
 
     #[test]
     fn burst_then_steady_rate() {
-        let l = KeyedLimiter::new(Quota::per_second(10));
-        let q = Quota::per_second(10);
-        let t0 = Instant::now();
+        let (l, clock) = limiter(per_second(10), DEFAULT_MAX_KEYS);
         for i in 0..10 {
-            assert!(l.check_at(&"a", q, t0).is_ok(), "burst event {i}");
+            assert!(l.check(&"a").is_ok(), "burst event {i}");
         }
-        let retry = l.check_at(&"a", q, t0).unwrap_err();
+        let retry = l.check(&"a").unwrap_err();
         assert_eq!(retry.0, Duration::from_millis(100));
         assert_eq!(retry.as_header_secs(), 1);
         // Other keys are unaffected.
-        assert!(l.check_at(&"b", q, t0).is_ok());
+        assert!(l.check(&"b").is_ok());
         // One interval later exactly one more event fits.
-        let t1 = t0 + Duration::from_millis(100);
-        assert!(l.check_at(&"a", q, t1).is_ok());
-        assert!(l.check_at(&"a", q, t1).is_err());
+        clock.advance(Duration::from_millis(100));
+        assert!(l.check(&"a").is_ok());
+        assert!(l.check(&"a").is_err());
         // After a full period the whole burst is back.
-        let t2 = t1 + Duration::from_secs(1);
+        clock.advance(Duration::from_secs(1));
         for _ in 0..10 {
-            assert!(l.check_at(&"a", q, t2).is_ok());
+            assert!(l.check(&"a").is_ok());
         }
-        assert!(l.check_at(&"a", q, t2).is_err());
+        assert!(l.check(&"a").is_err());
     }
 
     #[test]
     fn per_minute_retry_after_is_whole_seconds() {
-        let l = KeyedLimiter::new(Quota::per_minute(2));
-        let q = Quota::per_minute(2);
-        let t0 = Instant::now();
-        assert!(l.check_at(&1, q, t0).is_ok());
-        assert!(l.check_at(&1, q, t0).is_ok());
-        let r = l.check_at(&1, q, t0).unwrap_err();
+        let (l, _clock) = limiter(per_minute(2), DEFAULT_MAX_KEYS);
+        assert!(l.check(&1).is_ok());
+        assert!(l.check(&1).is_ok());
+        let r = l.check(&1).unwrap_err();
         assert_eq!(r.as_header_secs(), 30);
     }
 
     #[test]
-    fn memory_stays_bounded_under_many_keys() {
-        let q = Quota::per_second(5);
-        let l = KeyedLimiter::with_max_keys(q, 1000);
-        let t0 = Instant::now();
+    fn rested_keys_are_swept() {
+        let (l, clock) = limiter(per_second(5), 1000);
         for i in 0..50_000u32 {
-            let _ = l.check_at(&i, q, t0);
+            let _ = l.check(&i);
         }
-        assert!(l.tracked_keys() <= 1000 + SHARDS, "{}", l.tracked_keys());
+        assert_eq!(l.tracked_keys(), 50_000);
         // Idle keys are swept once they have rested.
-        let later = t0 + SWEEP_EVERY + Duration::from_secs(1);
+        clock.advance(Duration::from_secs(2));
         for i in 0..SHARDS as u32 * 64 {
-            let _ = l.check_at(&(1_000_000 + i), q, later);
+            let _ = l.check(&(1_000_000 + i));
         }
+        l.sweep();
         assert!(l.tracked_keys() <= SHARDS * 64, "{}", l.tracked_keys());
     }
 
     #[test]
-    fn eviction_keeps_the_most_indebted_keys() {
-        let mut map = HashMap::new();
-        let now = Instant::now();
-        for i in 0..16u32 {
-            map.insert(i, now + Duration::from_secs(u64::from(i) + 1));
+    fn tenant_call_rate_uses_override_and_says_so() {
+        let metrics = Metrics::new();
+        let t = TenantCalls::new(&metrics);
+        assert!(t.check(1, Some(2), 60).is_ok());
+        assert!(t.check(1, Some(2), 60).is_ok());
+        let e = t.check(1, Some(2), 60).unwrap_err();
+        assert_eq!(e.retry_after.as_header_secs(), 30);
+        assert!(e.to_string().contains("2 calls per minute"), "{e}");
+        // Another tenant has its own budget.
+        assert!(t.check(2, Some(2), 60).is_ok());
+        assert_eq!(metrics.rate_limited.with(&["tenant_calls"]).get(), 1);
+        // Without its own limit a tenant gets the default.
+        for _ in 0..3 {
+            assert!(t.check(3, None, 3).is_ok());
         }
-        evict(&mut map, now, 16);
-        assert_eq!(map.len(), 14);
-        assert!(!map.contains_key(&0) && !map.contains_key(&1));
+        assert!(t.check(3, None, 3).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ const PUBLIC: &str = "https://voice.example.com";
 struct F {
     _dir: tempfile::TempDir,
     app: Router,
+    metrics: Arc<voicectl::ops::metrics::Metrics>,
     store: Store,
     admin: String,
     key_a: String,
@@ -54,10 +55,13 @@ fn fixture() -> F {
     cfg.server.public_url = PUBLIC.into();
     cfg.twilio.auth_token = voicectl::config::Secret::new(TOKEN);
     cfg.twilio.from_number = "+14155550199".into();
-    let app = app(AppState::new(store.clone(), Arc::new(cfg)));
+    let state = AppState::new(store.clone(), Arc::new(cfg));
+    let metrics = state.ops().metrics().clone();
+    let app = app(state);
     F {
         _dir: dir,
         app,
+        metrics,
         store,
         admin,
         key_a,
@@ -275,6 +279,43 @@ async fn tenant_call_rate_limit_answers_429_with_retry_after() {
     assert!((1..=60).contains(&retry), "{retry}");
     // Another tenant is unaffected.
     f.create(&f.key_b, json!({"to": "+14155550100"})).await;
+}
+
+#[tokio::test]
+async fn tenant_call_limit_is_counted_in_memory_and_replays_are_free() {
+    let f = fixture();
+    let limited = || f.metrics.rate_limited.with(&["tenant_calls"]).get();
+    let send = |key: Option<&str>| {
+        let mut b = Request::post("/api/v1/calls")
+            .header("authorization", format!("Bearer {}", f.key_a))
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            b = b.header("idempotency-key", k);
+        }
+        b.body(Body::from(json!({"to": "+14155550100"}).to_string()))
+            .unwrap()
+    };
+    // alpha may start 3 calls a minute; replays of the first do not count.
+    let (s, _, _) = f.req(send(Some("once"))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    for _ in 0..3 {
+        let (s, _, _) = f.req(send(Some("once"))).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        let (s, _, _) = f.req(send(None)).await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    assert_eq!(limited(), 0);
+    let (s, e, h) = f.req(send(None)).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{e}");
+    assert_eq!(e["error"]["code"], "rate_limited");
+    assert_eq!(h["retry-after"], "20");
+    assert_eq!(limited(), 1);
+    // A replay is still answered while the tenant is limited.
+    let (s, _, _) = f.req(send(Some("once"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(limited(), 1);
 }
 
 #[tokio::test]

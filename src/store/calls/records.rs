@@ -225,12 +225,12 @@ pub struct OutboundRequest {
 
 /// Persists a queued outbound call: `Ok(Ok((call, true)))`. With an idempotency key already
 /// used by this tenant, the original call is returned (`false`, same body) or a conflict raised
-/// (different body); replays do not count against the tenant's `max_per_minute` creations,
-/// and a creation over that limit is refused with `Ok(Err(RateLimited))`.
+/// (different body). A new call is created only if `admit` (the tenant's call rate, kept by
+/// the caller) lets it, so replays do not count; else `Ok(Err(RateLimited))`.
 pub fn create_outbound(
     conn: &mut Connection,
     r: &OutboundRequest,
-    max_per_minute: i64,
+    admit: impl FnOnce() -> std::result::Result<(), RateLimited>,
 ) -> Result<Result<(Call, bool), RateLimited>> {
     let tx = conn.transaction()?;
     if let Some(key) = &r.idempotency_key {
@@ -251,12 +251,8 @@ pub fn create_outbound(
             return Ok(Ok((call, false)));
         }
     }
-    let (recent, frees_at) = recent_creates(&tx, r.tenant_id, 60_000)?;
-    if recent >= max_per_minute {
-        let wait_ms = frees_at.map_or(1000, |t| (t - now_ms()).max(0));
-        return Ok(Err(RateLimited {
-            retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1),
-        }));
+    if let Err(limited) = admit() {
+        return Ok(Err(limited));
     }
     let id = CallId::generate();
     let now = now_ms();
@@ -291,27 +287,6 @@ pub fn create_outbound(
     let call = get(&tx, Scope::All, id.as_str())?;
     tx.commit()?;
     Ok(Ok((call, true)))
-}
-
-/// Calls created by `tenant_id` in the last `window_ms`, and when the oldest of them leaves
-/// the window (for `Retry-After`).
-pub fn recent_creates(
-    conn: &Connection,
-    tenant_id: i64,
-    window_ms: i64,
-) -> Result<(i64, Option<i64>)> {
-    let since = now_ms() - window_ms;
-    Ok(conn.query_row(
-        "SELECT COUNT(*), MIN(created_at) FROM calls WHERE tenant_id = ?1 AND created_at > ?2 \
-         AND direction = 'outbound'",
-        params![tenant_id, since],
-        |r| {
-            Ok((
-                r.get(0)?,
-                r.get::<_, Option<i64>>(1)?.map(|t| t + window_ms),
-            ))
-        },
-    )?)
 }
 
 /// Everything the call path needs about one call, beyond the public object.
