@@ -3,6 +3,10 @@
 //! that variable — outside systemd, in tests, under `--dev` — every call is a no-op.
 //!
 //! Sends never block: a stuck or missing manager must not stall the server.
+//!
+//! Kept by hand rather than the `sd-notify` crate (0.5): it cannot address abstract sockets
+//! (`@name`, which systemd hands out and a test here covers), and it opens a blocking socket
+//! per message, which the dialer would then run on the reactor at every status update.
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
