@@ -86,7 +86,7 @@ impl LocalServer {
     pub async fn follow(
         &self,
         path: &str,
-        mut on_event: impl FnMut(&str, &Value),
+        on_event: impl FnMut(&str, &Value),
     ) -> anyhow::Result<()> {
         let resp = self
             .http
@@ -99,34 +99,61 @@ impl LocalServer {
         if !resp.status().is_success() {
             bail!("cannot follow the call (HTTP {})", resp.status().as_u16());
         }
-        let mut stream = resp.bytes_stream();
-        let mut buf = String::new();
-        while let Some(chunk) = stream.next().await {
-            buf.push_str(&String::from_utf8_lossy(
-                &chunk.context("event stream broke")?,
-            ));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut name = "message";
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = if v.trim() == "status" {
-                            "status"
-                        } else if v.trim() == "transcript" {
-                            "transcript"
-                        } else {
-                            "other"
-                        };
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                    on_event(name, &v);
-                }
-            }
+        read_events(resp.bytes_stream(), on_event).await
+    }
+}
+
+/// Reads Server-Sent Events from a byte stream and calls `on_event(name, data)` for each one
+/// whose data is JSON (`name` is "status", "transcript" or "other"). The SSE crate decodes
+/// UTF-8 across chunk boundaries, so a character split between two reads arrives whole.
+async fn read_events<S, B, E>(
+    stream: S,
+    mut on_event: impl FnMut(&str, &Value),
+) -> anyhow::Result<()>
+where
+    S: futures_util::Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    use eventsource_stream::Eventsource;
+    let events = stream.eventsource();
+    futures_util::pin_mut!(events);
+    while let Some(ev) = events.next().await {
+        let ev = ev.map_err(|e| anyhow::anyhow!("event stream broke: {e}"))?;
+        let name = match ev.event.as_str() {
+            "status" => "status",
+            "transcript" => "transcript",
+            _ => "other",
+        };
+        if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+            on_event(name, &v);
         }
-        Ok(())
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_character_split_across_chunks_arrives_whole() {
+        let text = "event: transcript\ndata: {\"text\":\"Grüße 😀\"}\n\n";
+        let bytes = text.as_bytes();
+        // Cut inside "ü" (2 bytes) and inside the emoji (4 bytes).
+        let u = text.find('ü').unwrap() + 1;
+        let e = text.find('😀').unwrap() + 2;
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+            Ok(bytes[..u].to_vec()),
+            Ok(bytes[u..e].to_vec()),
+            Ok(bytes[e..].to_vec()),
+        ];
+        let mut got = Vec::new();
+        read_events(futures_util::stream::iter(chunks), |name, v| {
+            got.push((name.to_owned(), v["text"].as_str().unwrap_or("").to_owned()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, [("transcript".to_owned(), "Grüße 😀".to_owned())]);
     }
 }
