@@ -50,8 +50,9 @@ impl Shared {
                 let id = call_id.as_str();
                 let session = self.sessions.get_or_create(id);
                 let _bridged = self.sessions.bridge_started(session.clone());
-                if let Some(call) = &changed {
-                    self.announce(call);
+                // Taken, not borrowed: the record must not stay alive for the whole call.
+                if let Some(call) = changed {
+                    self.announce(&call);
                 }
                 let kind = setup.kind;
                 let inbound = setup.inbound;
