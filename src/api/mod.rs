@@ -9,15 +9,19 @@ pub mod status;
 mod tenants;
 mod twilio;
 
-use std::time::Instant;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderValue;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::http::{self, HeaderName, HeaderValue};
+use axum::middleware;
+use axum::response::IntoResponse;
 use tower_http::limit::RequestBodyLimitLayer;
-use tracing::Instrument;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
 
 use crate::http::error;
 pub use crate::http::{ApiError, AppState, Auth};
@@ -61,46 +65,78 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             ops::middleware,
         ))
-        .layer(middleware::from_fn(request_context))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(log_outcome)
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, RandomRequestId))
+        .layer(middleware::map_request(drop_insane_request_id))
         .with_state(state)
 }
 
-/// Gives every request an id (kept from `x-request-id` when the client sent a sane one),
-/// runs it inside a span carrying that id, logs the outcome, and echoes the id back.
-async fn request_context(mut req: Request, next: Next) -> Response {
-    let id = req
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A client's own `x-request-id` is kept when it is sane (1–64 of `[A-Za-z0-9_-]`, so it is safe
+/// in logs); anything else is dropped here and replaced by a random one.
+async fn drop_insane_request_id(mut req: Request) -> Request {
+    let sane = req
         .headers()
-        .get("x-request-id")
+        .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
+        .is_some_and(|v| {
             (1..=64).contains(&v.len())
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| crate::domain::ids::random_token(16));
-    let method = req.method().clone();
-    // The path only: query strings may carry tokens.
-    let path = req.uri().path().to_owned();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        req.headers_mut().insert("x-request-id", v);
+        });
+    if !sane {
+        req.headers_mut().remove(&REQUEST_ID);
     }
-    let span = tracing::info_span!("request", request_id = %id, %method, %path);
-    let started = Instant::now();
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    req
+}
+
+#[derive(Clone, Copy)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&crate::domain::ids::random_token(16))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// Each request runs in a `request` span with its id, method and path (the path only: query
+/// strings may carry tokens). Probes (`/health…`) get a debug span, so their outcome is logged
+/// at debug; other outcomes at info, 5xx at warn.
+fn request_span(req: &http::Request<axum::body::Body>) -> Span {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (method, path) = (req.method(), req.uri().path());
+    if path.starts_with("/health") {
+        tracing::debug_span!("request", request_id = %id, %method, %path)
+    } else {
+        tracing::info_span!("request", request_id = %id, %method, %path)
+    }
+}
+
+fn log_outcome<B>(resp: &http::Response<B>, latency: Duration, span: &Span) {
     let status = resp.status().as_u16();
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    span.in_scope(|| {
-        if path.starts_with("/health") {
-            tracing::debug!(status, ms, "request");
-        } else if status >= 500 {
-            tracing::warn!(status, ms, "request");
-        } else {
-            tracing::info!(status, ms, "request");
-        }
-    });
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
+    let ms = latency.as_secs_f64() * 1000.0;
+    let probe = span
+        .metadata()
+        .is_none_or(|m| *m.level() == tracing::Level::DEBUG);
+    if status >= 500 {
+        tracing::warn!(status, ms, "request");
+    } else if probe {
+        tracing::debug!(status, ms, "request");
+    } else {
+        tracing::info!(status, ms, "request");
     }
-    resp
 }

@@ -125,6 +125,12 @@ CREATE INDEX jobs_due ON jobs(run_at) WHERE state IN ('pending', 'running');
 ALTER TABLE calls ADD COLUMN latency TEXT;
 ALTER TABLE calls ADD COLUMN engine_call_id TEXT;
 "#,
+    // 3: the dial queue in order. The dialer reads its head and the expired calls on every
+    // wake; through `calls_created` both walked the whole call history from its oldest row
+    // until they met a queued one, a cost that grew with every finished call.
+    r#"
+CREATE INDEX calls_queue ON calls(created_at, id) WHERE status = 'queued';
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {
