@@ -1,4 +1,4 @@
-//! Telephony providers. Twilio is the one we speak; `sim` is a faithful stand-in for it.
+//! Telephony providers. Twilio is the one we speak; the `twilio-sim` crate is a faithful
+//! stand-in for it (`serve --dev`, tests, benchmarks).
 
-pub mod sim;
 pub mod twilio;
