@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use crate::e2e::{Opts, Stack, stack, statuses};
-use crate::fakes::realtime::{ErrorOn, Failure, FakeRealtime, Mode, RealtimeOpts};
-use crate::fakes::ultravox::{CreateFailure, FakeUltravox, JoinUrl, UltravoxOpts};
+use test_fakes::realtime::{ErrorOn, Failure, FakeRealtime, Mode, RealtimeOpts};
+use test_fakes::ultravox::{CreateFailure, FakeUltravox, JoinUrl, UltravoxOpts};
 use twilio_sim::{CallerScript, Scenario, Step};
 use voicectl::config::{EngineKind, HumanDuration, Secret, UltravoxMedium};
 
