@@ -41,8 +41,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use voicectl::telephony::sim::twiml::{self, Verb};
-use voicectl::telephony::twilio::signature;
+use twilio_sim::signature;
+use twilio_sim::twiml::{self, Verb};
 
 const ACCOUNT_SID: &str = "AC00000000000000000000000000000b3c";
 const AUTH_TOKEN: &str = "bench-auth-token";

@@ -100,12 +100,12 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     }
     // Dev and demos: Twilio is replaced by the built-in simulator, in this process.
     let _simulator = if config.twilio.simulate {
-        let mut sim_cfg = crate::telephony::sim::SimConfig::new(
+        let mut sim_cfg = twilio_sim::SimConfig::new(
             config.twilio.account_sid.clone(),
             config.twilio.auth_token.expose(),
         );
-        sim_cfg.timing = crate::telephony::sim::Timing::realistic();
-        let sim = crate::telephony::sim::start(sim_cfg)
+        sim_cfg.timing = twilio_sim::Timing::realistic();
+        let sim = twilio_sim::start(sim_cfg)
             .await
             .context("starting the Twilio simulator")?;
         config.twilio.api_base_url = sim.base_url();

@@ -4,9 +4,8 @@
 //! webhooks, and answers with [`Script`]s that the carrier's module renders (TwiML for
 //! Twilio). A second carrier is a new module and a new `Carrier` variant.
 //!
-//! `sim` is a faithful stand-in for Twilio.
+//! The `twilio-sim` crate is a faithful stand-in for Twilio (`serve --dev`, tests, benchmarks).
 
-pub mod sim;
 pub mod twilio;
 
 use crate::config::Config;

@@ -10,11 +10,11 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use twilio_sim::{self as sim, CallerScript, Scenario, SimConfig, SimHandle, Step};
 use voicectl::api::{AppState, app};
 use voicectl::calls::Calls;
 use voicectl::config::{Config, EngineKind, Secret};
 use voicectl::store::{Store, keys, tenants};
-use voicectl::telephony::sim::{self, CallerScript, Scenario, SimConfig, SimHandle, Step};
 
 pub const PUBLIC: &str = "https://voice.test";
 pub const SID: &str = "AC00000000000000000000000000000001";

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use crate::e2e::{Opts, Stack, stack, statuses};
-use crate::fakes::realtime::{ErrorOn, Failure, FakeRealtime, Mode, RealtimeOpts};
-use crate::fakes::ultravox::{CreateFailure, FakeUltravox, JoinUrl, UltravoxOpts};
+use test_fakes::realtime::{ErrorOn, Failure, FakeRealtime, Mode, RealtimeOpts};
+use test_fakes::ultravox::{CreateFailure, FakeUltravox, JoinUrl, UltravoxOpts};
+use twilio_sim::{CallerScript, Scenario, Step};
 use voicectl::config::{EngineKind, HumanDuration, Secret, UltravoxMedium};
-use voicectl::telephony::sim::{CallerScript, Scenario, Step};
 
 async fn realtime_stack(rt: &FakeRealtime, tweak: fn(&mut voicectl::config::Config)) -> Stack {
     let url = rt.url();
@@ -59,7 +59,7 @@ async fn run_call(
     (id, ev)
 }
 
-async fn sim_record(s: &Stack, id: &str) -> voicectl::telephony::sim::SimCallRecord {
+async fn sim_record(s: &Stack, id: &str) -> twilio_sim::SimCallRecord {
     let sid = s.get(id).await["twilio_call_sid"]
         .as_str()
         .unwrap()

@@ -15,13 +15,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use voicectl::media::mulaw::SILENCE;
 
-use crate::fakes::realtime::{
+use test_fakes::realtime::{
     Closed, ErrorOn, Failure, FakeRealtime, ItemStatus, Mode, RealtimeEvent, RealtimeOpts,
 };
-use crate::fakes::ultravox::{
+use test_fakes::ultravox::{
     CreateFailure, FakeUltravox, JoinUrl, Medium, Role, SocketClose, UltravoxOpts,
 };
-use crate::fakes::{
+use test_fakes::{
     agent_mulaw, agent_pcm_bytes, caller_speech_mulaw, expect_event, parse_proto_duration, tone_pcm,
 };
 

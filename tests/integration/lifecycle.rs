@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::e2e::statuses;
 use crate::support::{Install, Server};
-use voicectl::telephony::sim::{self, CallerScript, Scenario, SimConfig, SimEvent, Step};
+use twilio_sim::{self as sim, CallerScript, Scenario, SimConfig, SimEvent, Step};
 
 const SID: &str = "AC00000000000000000000000000000002";
 const TOKEN: &str = "lifecycle-token";

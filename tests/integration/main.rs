@@ -5,7 +5,6 @@ mod calls;
 mod cli;
 mod e2e;
 mod engines;
-mod fakes;
 mod fakes_selftest;
 mod layering;
 mod lifecycle;

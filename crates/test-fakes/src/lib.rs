@@ -1,15 +1,31 @@
-//! Faithful test simulators of the voice engines voicectl talks to (PROTOCOLS §4, §5, §6):
-//! [`realtime::FakeRealtime`] (OpenAI Realtime over WebSocket) and [`ultravox::FakeUltravox`]
-//! (REST plus the `joinUrl` WebSocket). Both bind an ephemeral loopback port, record everything
-//! behind a mutex, broadcast events so tests can await instead of sleeping, and shut down when
-//! their handle is dropped.
+//! Faithful fakes of the third-party services voicectl talks to, for its integration tests
+//! (`tests/`) and benchmarks (`benches/`) (PROTOCOLS §4, §5, §6).
 //!
-//! Shared here: the recorder with `wait_until`, the server guard, an energy VAD, and the
-//! deterministic tone the fake agents speak.
-#![allow(dead_code)] // A toolkit: not every test uses every accessor.
+//! What belongs here: one module per service, each a server that binds an ephemeral loopback
+//! port, checks what voicectl sends against the provider's documented protocol (violations are
+//! recorded, not panicked on), records everything behind a mutex, broadcasts events so tests
+//! await instead of sleeping, and shuts down when its handle is dropped. Services to come
+//! (Deepgram, ElevenLabs, OpenAI chat) get a module of their own beside these. Twilio itself is
+//! not here: it is the `twilio-sim` crate, which `serve --dev` also runs.
+//!
+//! Nothing here depends on voicectl: a fake that shared the code under test would agree with
+//! its bugs. μ-law comes from `twilio-sim`; Twilio Media Streams parsing is [`twilio_media`].
+//!
+//! Layout:
+//! - services: [`realtime::FakeRealtime`] (OpenAI Realtime over WebSocket),
+//!   [`ultravox::FakeUltravox`] (REST plus the `joinUrl` WebSocket);
+//! - wire formats the services share: [`twilio_media`] (a stream endpoint's side of Twilio
+//!   Media Streams, for Ultravox's `twilio` medium);
+//! - the toolkit below, shared by every fake: [`Recorder`] with `wait_until`,
+//!   [`expect_event`], the [`ServerGuard`] with [`bind`]/[`serve`], an [`EnergyVad`], and the
+//!   deterministic tones the fake agents speak ([`agent_mulaw`], [`agent_pcm_bytes`]).
 
+// Services.
 pub mod realtime;
 pub mod ultravox;
+
+// Wire formats shared by services.
+pub mod twilio_media;
 
 use std::f64::consts::PI;
 use std::net::SocketAddr;
@@ -19,7 +35,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use voicectl::media::mulaw;
+use twilio_sim::mulaw;
 
 /// State behind a mutex plus a broadcast of events, emitted after each state change so a
 /// waiter that re-checks the state on every event never misses one.

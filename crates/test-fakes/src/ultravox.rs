@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::twilio_media::{self as media, Event};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -32,7 +33,6 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use voicectl::telephony::twilio::media::{self, Event};
 
 use super::{
     EnergyVad, Recorder, ServerGuard, VadEvent, VadOpts, agent_mulaw, agent_pcm_bytes,
@@ -364,7 +364,8 @@ impl Shared {
 
 pub struct FakeUltravox {
     shared: Arc<Shared>,
-    guard: ServerGuard,
+    /// Stops the server when the handle is dropped.
+    _guard: ServerGuard,
 }
 
 impl FakeUltravox {
@@ -390,7 +391,10 @@ impl FakeUltravox {
             .route("/calls/{id}/server_web_socket", get(join_server_ws))
             .with_state(shared.clone());
         let guard = super::serve(listener, router, token);
-        FakeUltravox { shared, guard }
+        FakeUltravox {
+            shared,
+            _guard: guard,
+        }
     }
 
     /// `http://127.0.0.1:PORT`; voicectl calls `{base}/api/calls`.

@@ -30,8 +30,8 @@ use super::script::{AgentView, Emit};
 use super::twiml::StreamSpec;
 use super::webhook::route;
 use super::{lock, new_sid};
-use crate::media::{FRAME_MS, MULAW_FRAME_BYTES};
-use crate::telephony::twilio::signature;
+use crate::mulaw::{FRAME_BYTES as MULAW_FRAME_BYTES, FRAME_MS};
+use crate::signature;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 /// Bytes of μ-law per millisecond: the playback rate.
@@ -285,7 +285,7 @@ impl Session {
             last_k: None,
             t0: Instant::now(),
             playback: Playback::new(),
-            frame: [crate::media::mulaw::SILENCE; MULAW_FRAME_BYTES],
+            frame: [crate::mulaw::SILENCE; MULAW_FRAME_BYTES],
             b64: String::with_capacity(MULAW_FRAME_BYTES * 4 / 3 + 4),
             json: String::with_capacity(FRAME_JSON_CAP),
             played_scratch: Vec::with_capacity(MULAW_FRAME_BYTES * 4),

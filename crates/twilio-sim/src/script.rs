@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use crate::media::{MULAW_FRAME_BYTES, mulaw};
+use crate::mulaw::{self, FRAME_BYTES as MULAW_FRAME_BYTES};
 
 /// One thing the caller does. Durations are milliseconds, rounded up to whole 20 ms frames.
 #[derive(Debug, Clone, PartialEq, Eq)]

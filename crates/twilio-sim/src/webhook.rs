@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::model::{CallStatus, CallbackKind, CallbackRecord, SimEvent};
 use super::{CallCell, Inner};
-use crate::telephony::twilio::signature;
+use crate::signature;
 
 /// Where a public URL is actually sent, and the proxy headers that go with it.
 #[derive(Debug, PartialEq, Eq)]

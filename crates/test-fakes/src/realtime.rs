@@ -854,7 +854,6 @@ struct Stop(Closed);
 struct Active {
     response_id: String,
     item_id: String,
-    n: u32,
     audio: Vec<u8>,
     sent: usize,
     words: Vec<String>,
@@ -1482,7 +1481,6 @@ impl Conn {
         self.active = Some(Active {
             response_id,
             item_id,
-            n,
             audio: agent_mulaw(n, planned),
             sent: 0,
             words: word_deltas(&text),

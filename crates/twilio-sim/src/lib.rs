@@ -8,16 +8,18 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use voicectl::telephony::sim::{self, SimConfig};
-//! let sim = sim::start(SimConfig::default()).await?;
+//! use twilio_sim::SimConfig;
+//! let sim = twilio_sim::start(SimConfig::default()).await?;
 //! // twilio.api_base_url = sim.base_url(), account_sid/auth_token from the config.
 //! # Ok(()) }
 //! ```
 
 mod call;
 mod model;
+pub mod mulaw;
 mod rest;
 mod script;
+pub mod signature;
 mod stream;
 pub mod twiml;
 mod webhook;
@@ -39,8 +41,6 @@ pub use model::{
     StreamRecord, WebhookRecord,
 };
 pub use script::{CallerScript, Step};
-
-use crate::telephony::twilio::signature;
 
 /// How the callee of an outbound call behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
