@@ -549,7 +549,7 @@ async fn ultravox_server_websocket_runs_through_the_bridge() {
     let want: Vec<u8> = uvc
         .agent_audio()
         .chunks_exact(2)
-        .map(|p| voicectl::media::mulaw::encode(i16::from_le_bytes([p[0], p[1]])))
+        .map(|p| voicectl::audio::mulaw::encode(i16::from_le_bytes([p[0], p[1]])))
         .collect();
     assert!(!want.is_empty());
     assert_eq!(stream.agent_audio, want, "agent audio altered");
@@ -557,7 +557,7 @@ async fn ultravox_server_websocket_runs_through_the_bridge() {
     let got: Vec<u8> = stream
         .caller_audio
         .iter()
-        .flat_map(|&b| voicectl::media::mulaw::decode(b).to_le_bytes())
+        .flat_map(|&b| voicectl::audio::mulaw::decode(b).to_le_bytes())
         .collect();
     let n = uvc.caller_audio.len();
     assert!(n > 0 && n <= got.len(), "{n} of {}", got.len());

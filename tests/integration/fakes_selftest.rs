@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use voicectl::media::mulaw::SILENCE;
+use voicectl::audio::mulaw::SILENCE;
 
 use test_fakes::realtime::{
     Closed, ErrorOn, Failure, FakeRealtime, ItemStatus, Mode, RealtimeEvent, RealtimeOpts,
