@@ -8,6 +8,7 @@ mod ops;
 pub mod status;
 mod tenants;
 mod twilio;
+pub mod ui;
 
 use std::time::Duration;
 
@@ -50,10 +51,20 @@ pub fn app(state: AppState) -> Router {
         .route_layer(DefaultBodyLimit::max(max_body))
         .route_layer(RequestBodyLimitLayer::new(max_body))
         // Outside the body limit, so its bare 413 is reshaped too.
-        .route_layer(middleware::map_response(error::shape_errors));
+        .route_layer(middleware::map_response(error::shape_errors))
+        // The dashboard answers browsers with HTML pages, its errors included, so it sits
+        // outside the reshaping; its JSON endpoint answers in the SPEC shape by itself.
+        .merge(ui::routes());
     own
         // Everything else: `[[proxy]]` routes, or the SPEC 404 when none matches.
+        // `GET /` opens the dashboard unless a route claims it.
         .fallback(|State(state): State<AppState>, req: Request| async move {
+            if req.uri().path() == "/"
+                && matches!(req.method(), &http::Method::GET | &http::Method::HEAD)
+                && !state.proxy().claims(&req)
+            {
+                return ui::root_redirect();
+            }
             state
                 .proxy()
                 .handle(req)

@@ -131,7 +131,7 @@ pub enum KeyCmd {
     Revoke { key_id: String },
 }
 
-fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
+pub(super) fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
     let cfg = ctx.load_config()?;
     let dir = &cfg.server.data_dir;
     if !dir.join(crate::store::DB_FILE).exists() {
@@ -144,7 +144,7 @@ fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
 }
 
 /// Store errors as one-line CLI errors ("tenant not found").
-fn cli_err(e: StoreError) -> anyhow::Error {
+pub(super) fn cli_err(e: StoreError) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 

@@ -6,6 +6,7 @@ mod cert;
 mod client;
 mod doctor;
 pub mod init;
+mod open;
 mod output;
 mod status;
 
@@ -68,6 +69,8 @@ pub enum Command {
     /// TLS certificates
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Print a one-time link (10 minutes) that logs a browser in to the dashboard
+    Open(open::OpenArgs),
     /// Is the server up: version, uptime, live/queued calls, certificates, engines
     Status,
     /// Consistent online copy of the database
@@ -201,6 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Cert(cmd) => cert::run(&ctx, cmd),
         Command::Status => status::run(&ctx),
+        Command::Open(args) => open::run(&ctx, args),
         Command::Doctor => doctor::run(&ctx),
     }
 }

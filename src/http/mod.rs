@@ -3,7 +3,7 @@
 //! API-key extractor. Services below it (calls, ops, tls, proxy) return their own typed
 //! errors; this layer maps them to statuses.
 
-mod auth;
+pub mod auth;
 pub mod error;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -104,6 +104,13 @@ impl Proxy {
             .clone()
     }
 
+    /// Whether a `[[proxy]]` route would take this request (the dashboard leaves `/` to it).
+    pub fn claims(&self, req: &Request) -> bool {
+        let table = self.table();
+        let host = table::request_host(req.uri(), req.headers()).map(table::match_host);
+        table.find(host, req.uri().path()).is_some()
+    }
+
     /// Answers a request none of our own routes took; the HTTP layer shapes the error.
     pub async fn handle(&self, req: Request) -> Result<Response, ProxyError> {
         let table = self.table();

@@ -131,6 +131,23 @@ ALTER TABLE calls ADD COLUMN engine_call_id TEXT;
     r#"
 CREATE INDEX calls_queue ON calls(created_at, id) WHERE status = 'queued';
 "#,
+    // 4: dashboard logins. One-time login tokens (`voicectl open`) and browser sessions, both
+    // stored as SHA-256 of their secret. `tenant_id` NULL is the admin; `key_id` is set when a
+    // session was opened with an API key, so revoking the key ends the session too.
+    r#"
+CREATE TABLE ui_sessions (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('login', 'session')),
+    tenant_id   INTEGER REFERENCES tenants(id) ON DELETE CASCADE,
+    key_id      TEXT REFERENCES api_keys(id) ON DELETE CASCADE,
+    secret_hash BLOB NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    revoked_at  INTEGER
+) STRICT;
+CREATE INDEX ui_sessions_expiry ON ui_sessions(expires_at);
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod calls;
 pub mod jobs;
 pub mod keys;
 mod migrations;
+pub mod sessions;
 pub mod tenants;
 
 use std::fs::{DirBuilder, File, OpenOptions};

@@ -3,6 +3,7 @@
 mod api;
 mod calls;
 mod cli;
+mod dashboard;
 mod e2e;
 mod engines;
 mod fakes_selftest;
