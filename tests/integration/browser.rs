@@ -1,0 +1,346 @@
+//! The dashboard in a real headless Chromium, driven over WebDriver (fantoccini →
+//! chromedriver). Server, browser and driver all live on 127.0.0.1, and the browser is kept
+//! there: every non-loopback URL goes to a dead proxy on 127.0.0.1:9, host names do not
+//! resolve, and its background services (updates, sync, metrics) are off.
+//!
+//! Without `chromium`/`chromedriver` these tests are skipped, except under CI (`CI=true`),
+//! where a missing browser is a failure (`.ci/run` installs it).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+use twilio_sim::{CallerScript, Scenario, Step};
+use voicectl::store::{sessions, tenants};
+
+use super::e2e::{self, Opts};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn find_exe(names: &[&str]) -> Option<String> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for name in names {
+        for dir in path.split(':').chain(["/usr/bin", "/usr/lib/chromium"]) {
+            let p = std::path::Path::new(dir).join(name);
+            if p.is_file() {
+                return Some(p.to_string_lossy().into_owned());
+            }
+        }
+    }
+    None
+}
+
+/// chromedriver on a free loopback port; killed on drop.
+pub struct Driver {
+    child: Child,
+    pub url: String,
+    chromium: String,
+}
+
+impl Driver {
+    /// `None` (the test is skipped) when the browser is not installed and we are not in CI.
+    pub fn start() -> Option<Driver> {
+        let (Some(chromium), Some(driver)) = (
+            find_exe(&["chromium", "chromium-browser", "google-chrome"]),
+            find_exe(&["chromedriver"]),
+        ) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but chromium/chromedriver are missing (apt-get install chromium chromium-driver)"
+            );
+            eprintln!("skipped: chromium and chromedriver are not installed");
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn chromedriver");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let start = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(start.elapsed() < WAIT, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Driver {
+            child,
+            url: format!("http://{addr}"),
+            chromium,
+        })
+    }
+
+    /// A fresh headless browser with a phone-sized window (its own profile, so no cookies).
+    pub async fn browser(&self, width: u32, height: u32) -> Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": self.chromium,
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    format!("--window-size={width},{height}"),
+                    // Loopback only: everything else goes to a dead proxy, no name resolves.
+                    "--proxy-server=http://127.0.0.1:9",
+                    "--proxy-bypass-list=127.0.0.1",
+                    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--disable-default-apps",
+                    "--disable-domain-reliability",
+                    "--disable-client-side-phishing-detection",
+                    "--no-first-run",
+                    "--no-pings",
+                    "--metrics-recording-only",
+                ],
+            }),
+        );
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .expect("WebDriver session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Logs the browser in with a one-time link, as `voicectl open` prints it.
+pub async fn login(b: &Client, s: &e2e::Stack, tenant: Option<&str>) {
+    let tenant = tenant.map(str::to_owned);
+    let (token, _) = s
+        .store
+        .blocking(move |c| sessions::create_login(c, tenant.as_deref()))
+        .unwrap();
+    b.goto(&format!("{}/ui/login?token={token}", s.base))
+        .await
+        .unwrap();
+    b.find(Locator::Css("#continue"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("main[data-page=\"live\"]"))
+        .await
+        .expect("logged in to the live page");
+}
+
+async fn wait_text(b: &Client, css: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(el) = b.find(Locator::Css(css)).await
+            && let Ok(t) = el.text().await
+            && t.contains(needle)
+        {
+            return t;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{css} never contained {needle:?}; page: {}",
+            b.source().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn talkative() -> Scenario {
+    Scenario::answer(CallerScript::new(vec![
+        Step::WaitForAgentSilence { min_ms: 300 },
+        Step::Speak(700),
+        Step::WaitForAgentSilence { min_ms: 300 },
+        Step::Silence(2500),
+        Step::Hangup,
+    ]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_link_then_a_live_call_appears_and_its_transcript_streams() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let s = e2e::stack(Opts::default()).await;
+    let b = driver.browser(412, 915).await;
+    login(&b, &s, None).await;
+    // The one-time link is spent: the URL now shows the dashboard, and the cookie is HttpOnly
+    // (invisible to scripts).
+    let cookies = b.execute("return document.cookie", vec![]).await.unwrap();
+    assert_eq!(cookies, json!(""));
+    // A marker that a reload would wipe.
+    b.execute("window.__noReload = 42", vec![]).await.unwrap();
+
+    s.sim.set_scenario("+14155550401", talkative());
+    let id = s.call("+14155550401").await;
+    let row = format!("tr[data-id=\"{id}\"]");
+    b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(&row))
+        .await
+        .expect("the live call appears without a reload");
+    assert_eq!(
+        b.execute("return window.__noReload", vec![]).await.unwrap(),
+        json!(42),
+        "the page was reloaded"
+    );
+    // Its status follows the call over SSE.
+    wait_text(&b, &format!("{row} .status"), "in progress").await;
+
+    // The call's page streams the transcript while it runs and settles when it ends.
+    b.find(Locator::Css(&format!("{row} a")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, "#transcript", "Hi").await;
+    wait_text(&b, "#details", "completed").await;
+    wait_text(&b, "#transcript", "caller").await;
+    let t = wait_text(&b, "#events", "completed").await;
+    assert!(t.contains("ringing") || t.contains("in progress"), "{t}");
+
+    // A finished call's page from scratch: transcript from the store, latency figures.
+    b.goto(&format!("{}/ui/calls/{id}", s.base)).await.unwrap();
+    let text = wait_text(&b, "#transcript", "agent").await;
+    assert!(text.contains("Hi"), "{text}");
+    // History lists it.
+    b.goto(&format!("{}/ui/calls?status=completed", s.base))
+        .await
+        .unwrap();
+    b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(&row))
+        .await
+        .expect("history lists the call");
+    b.close().await.unwrap();
+}
+
+/// A page on another origin (another loopback port: same site, so the `SameSite=Strict`
+/// cookie IS sent) posts a form at the dashboard's API to hang up a live call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_origin_form_cannot_end_a_call() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let s = e2e::stack(Opts::default()).await;
+    s.sim
+        .set_scenario("+14155550402", Scenario::answer(CallerScript::silent()));
+    let id = s.call("+14155550402").await;
+    let evil = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let evil_addr = evil.local_addr().unwrap();
+    let page = format!(
+        "<!doctype html><form id=f method=post action=\"{}/api/v1/calls/{id}/end\"></form>\
+         <script>document.getElementById('f').submit()</script>",
+        s.base
+    );
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || {
+                let page = page.clone();
+                async move { axum::response::Html(page) }
+            }),
+        );
+        axum::serve(evil, app).await.unwrap();
+    });
+    let b = driver.browser(1000, 800).await;
+    login(&b, &s, None).await;
+    b.goto(&format!("http://{evil_addr}/")).await.unwrap();
+    let body = wait_text(&b, "body", "cross_site_refused").await;
+    assert!(body.contains("cross-site request refused"), "{body}");
+    let call = s.get(&id).await;
+    assert!(
+        !["completed", "canceled"].contains(&call["status"].as_str().unwrap()),
+        "the call was ended: {call}"
+    );
+    // The dashboard's own Hang up button works.
+    b.goto(&format!("{}/ui/calls/{id}", s.base)).await.unwrap();
+    wait_text(&b, "#details", "in progress").await;
+    b.find(Locator::Css(".actions button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let st = s.get(&id).await["status"].clone();
+        if st == "completed" || st == "canceled" {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "hang up did not end the call: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_session_cannot_see_another_tenants_call() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let s = e2e::stack(Opts::default()).await;
+    s.store
+        .blocking(|c| {
+            tenants::create(
+                c,
+                tenants::TenantPatch {
+                    name: Some("other".into()),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+    s.sim.set_scenario(
+        "+14155550403",
+        Scenario::answer(CallerScript::new(vec![Step::Hangup])),
+    );
+    let id = s.call("+14155550403").await;
+    let _ = s.follow(&id, WAIT).await;
+    let b = driver.browser(412, 915).await;
+    login(&b, &s, Some("other")).await;
+    let who = b
+        .find(Locator::Css(".who"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(who, "tenant other");
+    b.goto(&format!("{}/ui/calls/{id}", s.base)).await.unwrap();
+    wait_text(&b, "main", "No such call.").await;
+    let src = b.source().await.unwrap();
+    assert!(!src.contains("+14155550403"), "leaked the call");
+    b.goto(&format!("{}/ui/calls", s.base)).await.unwrap();
+    wait_text(&b, "main", "No calls match.").await;
+    // Admin pages are not there for a tenant.
+    b.goto(&format!("{}/ui/tenants", s.base)).await.unwrap();
+    wait_text(&b, "main", "Not found.").await;
+    let v: Value = b
+        .execute(
+            "return fetch('/api/v1/calls/' + arguments[0]).then(r => r.status)",
+            vec![json!(id)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, json!(404));
+    b.close().await.unwrap();
+}
