@@ -344,3 +344,80 @@ async fn a_tenant_session_cannot_see_another_tenants_call() {
     assert_eq!(v, json!(404));
     b.close().await.unwrap();
 }
+
+/// Writes the README's screenshots: `VOICECTL_SCREENSHOTS=docs cargo test --test integration
+/// browser::screenshots -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "writes docs/*.png; run by hand"]
+async fn screenshots() {
+    let Ok(dir) = std::env::var("VOICECTL_SCREENSHOTS") else {
+        return;
+    };
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let s = e2e::stack(Opts::default()).await;
+    for (n, to) in ["+14155550501", "+14155550502", "+14155550503"]
+        .iter()
+        .enumerate()
+    {
+        s.sim.set_scenario(
+            to,
+            if n == 2 {
+                Scenario::answer(CallerScript::silent())
+            } else {
+                talkative()
+            },
+        );
+    }
+    let done = s.call("+14155550501").await;
+    let _ = s.call("+14155550502").await;
+    let _ = s.follow(&done, WAIT).await;
+    let live = s.call("+14155550503").await;
+    let b = driver.browser(1100, 860).await;
+    login(&b, &s, None).await;
+    let shot = |name: &'static str| {
+        let b = b.clone();
+        let path = dir.join(name);
+        async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            std::fs::write(&path, b.screenshot().await.unwrap()).unwrap();
+        }
+    };
+    wait_text(
+        &b,
+        &format!("tr[data-id=\"{live}\"] .status"),
+        "in progress",
+    )
+    .await;
+    shot("dashboard-live.png").await;
+    b.goto(&format!("{}/ui/calls/{done}", s.base))
+        .await
+        .unwrap();
+    wait_text(&b, "#transcript", "agent").await;
+    shot("dashboard-call.png").await;
+    b.goto(&format!("{}/ui/calls", s.base)).await.unwrap();
+    wait_text(&b, "main", "completed").await;
+    shot("dashboard-history.png").await;
+    b.goto(&format!("{}/ui/system", s.base)).await.unwrap();
+    wait_text(&b, "main", "Engine circuits").await;
+    shot("dashboard-system.png").await;
+    b.set_window_size(390, 844).await.unwrap();
+    b.goto(&format!("{}/ui/calls/{done}", s.base))
+        .await
+        .unwrap();
+    wait_text(&b, "#transcript", "agent").await;
+    shot("dashboard-phone.png").await;
+    // Nothing but the (scrollable) navigation is wider than the phone's screen.
+    let wide = b
+        .execute(
+            "return [...document.querySelectorAll('main *')].filter(e => \
+             e.getBoundingClientRect().right > document.documentElement.clientWidth + 1).length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wide, json!(0));
+    b.close().await.unwrap();
+}

@@ -13,7 +13,7 @@ function h(tag, attrs = {}, ...children) {
     else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : String(c));
   }
@@ -57,7 +57,9 @@ function badge(status) {
 function when(iso) {
   if (!iso) return "";
   const d = new Date(iso);
-  return isNaN(d) ? iso : d.toLocaleString();
+  if (isNaN(d)) return iso;
+  // Today's times without the date: tables stay narrow enough for a phone.
+  return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
 }
 
 function duration(s) {
@@ -313,11 +315,13 @@ const PAGES = {
     }
     showCall(t.call);
     showEvents(t.events);
-    main.append(actions, h("section", {}, h("h2", {}, "Details"), details), h("section", {}, h("h2", {}, "Timeline"), events));
+    const side = h("div", { class: "side" }, h("section", {}, h("h2", {}, "Details"), details), h("section", {}, h("h2", {}, "Timeline"), events));
+    const talk = h("div", { class: "talk" });
+    main.append(actions, h("div", { class: "call-grid" }, talk, side));
     const lat = t.call.latency;
     if (lat && (lat.greeting_ms !== null || (lat.turn_ms && lat.turn_ms.length))) {
       const turns = lat.turn_ms || [];
-      main.append(
+      side.append(
         h(
           "section",
           { id: "latency" },
@@ -332,7 +336,7 @@ const PAGES = {
         ),
       );
     }
-    main.append(h("section", {}, h("h2", {}, "Transcript"), transcript));
+    talk.append(h("section", {}, h("h2", {}, "Transcript"), transcript));
     // Tool calls, analysis and recordings get their sections here once calls carry them.
     if (TERMINAL.has(t.call.status)) {
       transcript.replaceChildren(...t.transcript.map(line));
