@@ -421,3 +421,120 @@ async fn screenshots() {
     assert_eq!(wide, json!(0));
     b.close().await.unwrap();
 }
+
+/// A test call placed from the dashboard's form, then found again through the history's
+/// status filter and its paging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_call_form_history_filter_and_paging() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let s = e2e::stack(Opts::default()).await;
+    s.sim.set_scenario("+14155550404", Scenario::Busy);
+    s.sim.set_scenario("+14155550405", Scenario::Busy);
+    let first = s.call("+14155550404").await;
+    let _ = s.follow(&first, WAIT).await;
+    let b = driver.browser(412, 915).await;
+    login(&b, &s, None).await;
+
+    b.goto(&format!("{}/ui/new", s.base)).await.unwrap();
+    let form = b
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#new-call"))
+        .await
+        .unwrap();
+    form.find(Locator::Css("input[name=to]"))
+        .await
+        .unwrap()
+        .send_keys("+14155550405")
+        .await
+        .unwrap();
+    form.find(Locator::Css("input[name=tenant]"))
+        .await
+        .unwrap()
+        .send_keys("acme")
+        .await
+        .unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // The form lands on the new call's page, which follows it to its end.
+    wait_text(&b, "#details", "busy").await;
+    let url = b.current_url().await.unwrap();
+    let second = url.path().strip_prefix("/ui/calls/").unwrap().to_owned();
+    assert_ne!(second, first);
+    assert_eq!(s.get(&second).await["to"], "+14155550405");
+
+    // Bad input from the form: the API's message is shown, nothing is created.
+    b.goto(&format!("{}/ui/new", s.base)).await.unwrap();
+    let form = b
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#new-call"))
+        .await
+        .unwrap();
+    b.execute(
+        "document.querySelector('input[name=to]').removeAttribute('pattern')",
+        vec![],
+    )
+    .await
+    .unwrap();
+    form.find(Locator::Css("input[name=to]"))
+        .await
+        .unwrap()
+        .send_keys("12345")
+        .await
+        .unwrap();
+    form.find(Locator::Css("input[name=tenant]"))
+        .await
+        .unwrap()
+        .send_keys("acme")
+        .await
+        .unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, "main .error", "is not an E.164 phone number").await;
+    assert_eq!(
+        s.api(reqwest::Method::GET, "/api/v1/calls", None).await.1["calls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // One call per page: newest first, then "Older »" to the first one.
+    b.goto(&format!("{}/ui/calls?status=busy&limit=1", s.base))
+        .await
+        .unwrap();
+    b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(&format!("tr[data-id=\"{second}\"]")))
+        .await
+        .unwrap();
+    b.find(Locator::Css("a[rel=next]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(&format!("tr[data-id=\"{first}\"]")))
+        .await
+        .unwrap();
+    assert_eq!(b.find_all(Locator::Css("tbody tr")).await.unwrap().len(), 1);
+    // Another status filter: neither call.
+    b.goto(&format!("{}/ui/calls?status=completed", s.base))
+        .await
+        .unwrap();
+    wait_text(&b, "main", "No calls match.").await;
+    b.close().await.unwrap();
+}

@@ -532,3 +532,32 @@ fn voicectl_open_prints_a_one_time_link_that_logs_in() {
         assert_eq!(redeem(&http, &base, &token).await.status(), 401);
     });
 }
+
+/// Over HTTPS (the edge marks the request `Scheme::Https`) the cookie is also `Secure`.
+#[tokio::test]
+async fn the_session_cookie_is_secure_over_https() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = voicectl::store::Store::open(&dir.path().join("data")).unwrap();
+    let (token, _) = store.blocking(|c| sessions::create_login(c, None)).unwrap();
+    let router = voicectl::api::app(voicectl::api::AppState::new(
+        store,
+        std::sync::Arc::new(voicectl::config::Config::dev()),
+    ));
+    let mut req = axum::http::Request::post("/ui/login")
+        .header("host", "voice.test")
+        .header("origin", "https://voice.test")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(axum::body::Body::from(format!("token={token}")))
+        .unwrap();
+    req.extensions_mut()
+        .insert(voicectl::ops::net::Scheme::Https);
+    let resp = router.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let raw = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(raw.ends_with("; Secure"), "{raw}");
+    assert!(
+        raw.contains("HttpOnly") && raw.contains("SameSite=Strict"),
+        "{raw}"
+    );
+}
