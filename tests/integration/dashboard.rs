@@ -511,7 +511,7 @@ fn voicectl_open_prints_a_one_time_link_that_logs_in() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let cookie = rt.block_on(async {
         let http = client();
         let resp = redeem(&http, &base, &token).await;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER);
@@ -530,7 +530,23 @@ fn voicectl_open_prints_a_one_time_link_that_logs_in() {
             "a tenant sees no admin pages"
         );
         assert_eq!(redeem(&http, &base, &token).await.status(), 401);
+        // The link's page itself (GET with the token in the query).
+        let page = http
+            .get(format!("{base}/ui/login?token={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200);
+        cookie
     });
+    // Neither the login token nor the session cookie reaches the logs.
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = server.drain_logs().join("\n");
+    assert!(logs.contains("/ui/login"), "{logs}");
+    let secret = token.rsplit('_').next().unwrap();
+    assert!(!logs.contains(secret), "token in logs: {logs}");
+    let secret = cookie.rsplit('_').next().unwrap();
+    assert!(!logs.contains(secret), "session cookie in logs: {logs}");
 }
 
 /// Over HTTPS (the edge marks the request `Scheme::Https`) the cookie is also `Secure`.
