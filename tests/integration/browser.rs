@@ -545,3 +545,104 @@ async fn test_call_form_history_filter_and_paging() {
     wait_text(&b, "main", "No calls match.").await;
     b.close().await.unwrap();
 }
+
+/// The admin pages: tenants and their keys (a new key shown once, revoking one), certificates
+/// with TLS off, the system page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_pages_manage_tenants_and_keys_and_show_the_system() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let s = e2e::stack(Opts::default()).await;
+    let b = driver.browser(1000, 800).await;
+    login(&b, &s, None).await;
+    b.goto(&format!("{}/ui/tenants", s.base)).await.unwrap();
+    wait_text(&b, "main table", "acme").await;
+    // Add a tenant from the form.
+    b.find(Locator::Css("main form input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("globex")
+        .await
+        .unwrap();
+    b.find(Locator::Css("main form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, "main table", "globex").await;
+    let created = s
+        .store
+        .blocking(|c| tenants::get(c, "globex"))
+        .expect("the form created the tenant");
+    assert_eq!(created.name, "globex");
+    // acme's keys: the stack's key is there; make a new one, shown once.
+    let rows = b.find_all(Locator::Css("main tbody tr")).await.unwrap();
+    let mut acme = None;
+    for r in rows {
+        if r.text().await.unwrap().starts_with("acme") {
+            acme = Some(r);
+        }
+    }
+    let acme = acme.expect("acme row");
+    acme.find(Locator::Css(".keys-cell button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let key_id = s.key.split('_').nth(1).unwrap().to_owned();
+    wait_text(&b, ".keys-cell", &key_id).await;
+    b.find(Locator::Css(".keys-cell > button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let notice = wait_text(&b, ".notice", "shown once").await;
+    let new_key = notice.split_whitespace().last().unwrap().to_owned();
+    assert!(new_key.starts_with("vk_"), "{notice}");
+    let (st, _) = {
+        let resp = s
+            .http
+            .get(format!("{}/api/v1/calls", s.base))
+            .bearer_auth(&new_key)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), ())
+    };
+    assert_eq!(st, 200, "the key shown works");
+    // Revoke it (after the confirmation dialog): the list says so and the key stops working.
+    let new_id = new_key.split('_').nth(1).unwrap().to_owned();
+    wait_text(&b, ".keys-cell", &new_id).await;
+    let items = b.find_all(Locator::Css(".keys li")).await.unwrap();
+    for li in items {
+        if li.text().await.unwrap().contains(&new_id) {
+            li.find(Locator::Css("button"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+        }
+    }
+    b.accept_alert().await.unwrap();
+    wait_text(&b, ".keys-cell", "revoked").await;
+    let resp = s
+        .http
+        .get(format!("{}/api/v1/calls", s.base))
+        .bearer_auth(&new_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    b.goto(&format!("{}/ui/certs", s.base)).await.unwrap();
+    wait_text(&b, "main", "TLS is off").await;
+    b.goto(&format!("{}/ui/system", s.base)).await.unwrap();
+    let v = wait_text(&b, "#version", ".").await;
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    b.close().await.unwrap();
+}

@@ -414,14 +414,14 @@ const PAGES = {
       }
     });
     main.append(msg, add, list);
-    async function keys(name, cell) {
+    async function showKeys(name, cell) {
       const { keys } = await api("GET", `/tenants/${encodeURIComponent(name)}/api-keys`);
       const make = h("button", { type: "button" }, "New key");
       make.addEventListener("click", async () => {
         try {
           const k = await api("POST", `/tenants/${encodeURIComponent(name)}/api-keys`, { name: "dashboard" });
           msg.replaceChildren(h("p", { class: "notice" }, `New key for ${name} (shown once): `, h("code", {}, k.key)));
-          await keys(name, cell);
+          await showKeys(name, cell);
         } catch (e) {
           msg.replaceChildren(errorBox(e));
         }
@@ -446,7 +446,7 @@ const PAGES = {
                         if (!confirm(`Revoke key ${k.id}?`)) return;
                         try {
                           await api("DELETE", `/api-keys/${encodeURIComponent(k.id)}`);
-                          await keys(name, cell);
+                          await showKeys(name, cell);
                         } catch (e) {
                           msg.replaceChildren(errorBox(e));
                         }
@@ -465,7 +465,7 @@ const PAGES = {
       try {
         const { tenants } = await api("GET", "/tenants");
         const rows = tenants.map((t) => {
-          const cell = h("td", { class: "keys-cell" }, h("button", { type: "button", onclick: () => keys(t.name, cell).catch((e) => msg.replaceChildren(errorBox(e))) }, "Show keys"));
+          const cell = h("td", { class: "keys-cell" }, h("button", { type: "button", onclick: () => showKeys(t.name, cell).catch((e) => msg.replaceChildren(errorBox(e))) }, "Show keys"));
           return h("tr", {}, h("td", {}, t.name), h("td", {}, t.company), h("td", {}, (t.numbers || []).join(", ")), h("td", {}, t.engine || "default"), h("td", {}, t.max_concurrent_calls ?? "–"), cell);
         });
         list.replaceChildren(
