@@ -132,13 +132,20 @@ async fn a_proxy_route_on_root_keeps_root() {
     let resp = client().get(format!("{}/", s.base)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("our site"));
-    // The dashboard stays reachable under /ui/.
+    // The dashboard stays reachable under /ui/, which is ours as a whole.
     let resp = client()
         .get(format!("{}/ui/login", s.base))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let resp = client()
+        .get(format!("{}/ui/nope/index.html", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(!resp.text().await.unwrap().contains("our site"));
 }
 
 #[tokio::test]

@@ -41,7 +41,9 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/assets/app.js", get(js))
         .route("/ui/assets/app.css", get(css))
         .route("/ui/calls/{id}", get(call_page))
-        .route("/ui/api/calls/{id}/timeline", get(timeline));
+        .route("/ui/api/calls/{id}/timeline", get(timeline))
+        // `/ui/` is ours as a whole (like `/api/v1`): nothing under it reaches a proxy route.
+        .route("/ui/{*rest}", axum::routing::any(not_found));
     // Login forms and nothing bigger.
     r = r.layer(axum::extract::DefaultBodyLimit::max(UI_MAX_BODY));
     for page in PAGES {
@@ -53,6 +55,10 @@ pub fn routes() -> Router<AppState> {
         );
     }
     r
+}
+
+async fn not_found() -> Response {
+    html(StatusCode::NOT_FOUND, pages::not_found())
 }
 
 /// `GET /` when no `[[proxy]]` route claims it: the dashboard.

@@ -172,6 +172,14 @@ pub fn login(token: Option<&str>, error: Option<&str>) -> String {
     )
 }
 
+/// A page that does not exist under `/ui/`.
+pub fn not_found() -> String {
+    format!(
+        "{}<body class=\"login\"><main><h1>Not found</h1><p><a href=\"/ui/\">Back to the dashboard</a></p></main></body></html>",
+        head("Not found")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
