@@ -8,6 +8,7 @@ mod engines;
 mod fakes_selftest;
 mod layering;
 mod lifecycle;
+mod limits;
 mod ops;
 mod proxy;
 mod serve;
