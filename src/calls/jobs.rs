@@ -14,6 +14,7 @@ use sha2::Sha256;
 
 use super::shared::Shared;
 use crate::domain::timefmt::now_ms;
+use crate::ops::outbound;
 use crate::store::calls::{self, Scope};
 use crate::store::jobs::{self, Job, JobKind};
 use crate::store::{StoreError, tenants};
@@ -40,18 +41,35 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 /// How often a live call with no callbacks coming is checked with Twilio.
 pub const RECONCILE_EVERY_MS: i64 = 30_000;
 
-pub async fn run(m: Arc<Shared>) {
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .user_agent(concat!("voicectl/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "job runner cannot start");
-            return;
+/// The client for tenant webhooks (`ops::outbound`), rebuilt when
+/// `server.allow_private_targets` changes on reload.
+struct WebhookClient {
+    allow: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl WebhookClient {
+    fn current(
+        slot: &mut Option<WebhookClient>,
+        allow: &[String],
+    ) -> Result<reqwest::Client, String> {
+        match slot {
+            Some(c) if c.allow == allow => Ok(c.http.clone()),
+            _ => {
+                let http = outbound::tenant_client(allow, Duration::from_secs(10))
+                    .map_err(|e| format!("cannot build the webhook client: {e}"))?;
+                *slot = Some(WebhookClient {
+                    allow: allow.to_vec(),
+                    http: http.clone(),
+                });
+                Ok(http)
+            }
         }
-    };
+    }
+}
+
+pub async fn run(m: Arc<Shared>) {
+    let mut client: Option<WebhookClient> = None;
     loop {
         loop {
             if m.shutdown.is_cancelled() {
@@ -61,7 +79,13 @@ pub async fn run(m: Arc<Shared>) {
                 Ok(Some(job)) => {
                     let id = job.id;
                     let outcome = match job.kind {
-                        JobKind::Webhook => deliver(&m, &http, &job).await,
+                        JobKind::Webhook => {
+                            let allow = m.config().server.allow_private_targets.clone();
+                            match WebhookClient::current(&mut client, &allow) {
+                                Ok(http) => deliver(&m, &http, &job).await,
+                                Err(e) => Err(e),
+                            }
+                        }
                         JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
                         JobKind::Reconcile => reconcile(&m, &job).await,
                     };
@@ -139,6 +163,16 @@ async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, 
     let (Some(url), Some(secret)) = (tenant.webhook_url, tenant.webhook_secret) else {
         return Ok(Next::Done);
     };
+    // SPEC §10: checked again on every delivery (the row may predate the rule, or have been
+    // written behind the API's back); the resolved address is checked when connecting.
+    let refused = |reason: &str, why: String| {
+        m.metrics.outbound_refused.with(&[reason]).inc();
+        tracing::warn!(tenant = %tenant.name, target = %outbound::loggable(&url), reason = %why, "webhook refused");
+        Err(format!("refused: {why}"))
+    };
+    if let Err(e) = outbound::check(&url, &m.config().server.allow_private_targets) {
+        return refused(e.reason(), e.to_string());
+    }
     let body = serde_json::json!({
         "id": event_id,
         "type": "call.ended",
@@ -162,12 +196,20 @@ async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, 
             tracing::info!(event_id = %event_id, call_id = %call.id, "webhook delivered");
             Ok(Next::Done)
         }
+        // Redirects are never followed (they could point anywhere, loopback included).
+        Ok(r) if r.status().is_redirection() => refused(
+            "redirect",
+            format!(
+                "answered HTTP {} (redirects are not followed)",
+                r.status().as_u16()
+            ),
+        ),
         Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-        Err(e) => Err(if e.is_timeout() {
-            "timed out".into()
-        } else {
-            "connection failed".into()
-        }),
+        Err(e) => match outbound::refusal(&e) {
+            Some(r) => refused(r.reason(), r.to_string()),
+            None if e.is_timeout() => Err("timed out".into()),
+            None => Err("connection failed".into()),
+        },
     }
 }
 

@@ -71,6 +71,9 @@ pub struct ServerConfig {
     pub metrics_allow: Vec<String>,
     /// Proxies/load balancers whose `X-Forwarded-For` names the real client.
     pub trusted_proxies: Vec<String>,
+    /// Hosts (names or addresses) that tenant-supplied URLs may reach over plain http and at
+    /// private/loopback addresses (SPEC §10); empty in production, loopback in tests.
+    pub allow_private_targets: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             queue_timeout: HumanDuration::from_secs(10 * 60),
             metrics_allow: Vec::new(),
             trusted_proxies: Vec::new(),
+            allow_private_targets: Vec::new(),
         }
     }
 }
@@ -708,6 +712,15 @@ impl Config {
                 "limits.max_header_bytes",
                 "must be at least 1024".into(),
             ));
+        }
+        for h in &s.allow_private_targets {
+            let bare = h.trim_start_matches('[').trim_end_matches(']');
+            if bare.parse::<std::net::IpAddr>().is_err() && !is_hostname(bare) {
+                return Err(bad(
+                    "server.allow_private_targets",
+                    format!("{h:?} is not a host name or an IP address"),
+                ));
+            }
         }
         self.limits
             .validate_listener_limits()
