@@ -161,6 +161,43 @@ impl F {
 }
 
 #[tokio::test]
+async fn a_tenant_key_may_use_only_its_own_numbers_as_caller_id() {
+    let f = fixture();
+    for from in ["+14155550002", "+14155550199", "+19995550000"] {
+        let (s, e) = f
+            .api(
+                "POST",
+                "/api/v1/calls",
+                &f.key_a,
+                Some(json!({"to": "+14155550100", "from": from})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{from}: {e}");
+        assert_eq!(e["error"]["code"], "invalid_request", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("from"),
+            "{e}"
+        );
+    }
+    let (_, list) = f.api("GET", "/api/v1/calls", &f.key_a, None).await;
+    assert_eq!(
+        list["calls"].as_array().map(Vec::len),
+        Some(0),
+        "nothing created: {list}"
+    );
+    // Its own number is fine; so is leaving from out (the tenant's or server's default).
+    let v = f
+        .create(
+            &f.key_a,
+            json!({"to": "+14155550100", "from": "+14155550001"}),
+        )
+        .await;
+    assert_eq!(v["from"], "+14155550001");
+    let v = f.create(&f.key_a, json!({"to": "+14155550101"})).await;
+    assert_eq!(v["from"], "+14155550199");
+}
+
+#[tokio::test]
 async fn create_validates_and_persists_before_answering() {
     let f = fixture();
     let v = f
