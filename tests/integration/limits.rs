@@ -234,3 +234,142 @@ mod tls {
         health_ok(&server).await;
     }
 }
+
+mod media {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    const TOKEN: &str = "tok";
+
+    fn server() -> (Install, Server) {
+        let i = Install::with_extra(&format!("\n[twilio]\nauth_token = \"{TOKEN}\"\n"));
+        let s = Server::start(&i);
+        (i, s)
+    }
+
+    fn signature(server: &Server) -> String {
+        voicectl::telephony::twilio::signature::compute(
+            TOKEN,
+            &format!("ws://{}/twilio/media", server.addr),
+            &[],
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_1mib_media_frame_is_refused_from_its_header() {
+        let (_i, server) = tokio::task::block_in_place(server);
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        let req = format!(
+            "GET /twilio/media HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Twilio-Signature: {}\r\n\r\n",
+            server.addr,
+            signature(&server)
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // A masked text frame announcing 1 MiB; only 64 bytes of it ever follow.
+        let mut frame = vec![0x81u8, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        frame.extend_from_slice(&[b'a'; 64]);
+        s.write_all(&frame).await.unwrap();
+        let t = closed_within(&mut s, Duration::from_secs(10))
+            .await
+            .expect("refused without waiting for the payload");
+        assert!(t < Duration::from_secs(5), "{t:?}");
+        health_ok(&server).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_client_that_keeps_sending_still_sees_1008() {
+        let (_i, server) = tokio::task::block_in_place(server);
+        let mut req = format!("ws://{}/twilio/media", server.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("x-twilio-signature", signature(&server).parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        // Not a `start`: the server refuses the stream with 1008 … while this client has
+        // already sent more frames behind it (as a phone streaming audio would), which the
+        // server has not read when it decides to close.
+        ws.feed(Message::text("{\"event\":\"nonsense\"}"))
+            .await
+            .unwrap();
+        let frame = format!(
+            "{{\"event\":\"media\",\"media\":{{\"payload\":\"{}\"}}}}",
+            "A".repeat(2000)
+        );
+        for _ in 0..300 {
+            ws.feed(Message::text(frame.clone())).await.unwrap();
+        }
+        ws.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The phone keeps streaming: the connection must not have been reset under it
+        // (a reset is what the peer reports as 1006) …
+        ws.send(Message::text(frame.clone()))
+            .await
+            .expect("the server reset the connection instead of closing it");
+        // … and our close frame, with its code, is there to read.
+        let code = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(m) = ws.next().await {
+                match m {
+                    Ok(Message::Close(Some(f))) => return Some(u16::from(f.code)),
+                    Ok(Message::Close(None)) => return None,
+                    Ok(_) => continue,
+                    Err(e) => panic!("connection ended without a close frame: {e}"),
+                }
+            }
+            None
+        })
+        .await
+        .expect("closed in time");
+        assert_eq!(code, Some(1008));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rejected_signature_is_logged_without_the_query_string() {
+        let (_i, server) = tokio::task::block_in_place(server);
+        let r = reqwest::Client::new()
+            .post(server.url("/twilio/voice?token=s3cr3t-in-query"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", "forged")
+            .body("CallSid=CA1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        // The warning is written before the 403 leaves; wait for it, bounded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut logs = Vec::new();
+        while !logs
+            .iter()
+            .any(|l: &String| l.contains("bad or missing signature"))
+        {
+            assert!(Instant::now() < deadline, "no rejection logged: {logs:?}");
+            match server.logs.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => logs.push(l),
+                Err(_) => continue,
+            }
+        }
+        logs.extend(server.drain_logs());
+        let all = logs.join("\n");
+        assert!(all.contains("/twilio/voice"), "{all}");
+        assert!(
+            !all.contains("s3cr3t"),
+            "a query string reached the logs:\n{all}"
+        );
+    }
+}
