@@ -902,3 +902,75 @@ async fn webhooks_to_private_targets_and_redirects_into_them_are_refused() {
     assert_eq!(inner_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     s.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_tenant_whose_webhook_hangs_does_not_delay_another_tenants_webhook() {
+    use voicectl::calls::{CallStatus, Direction};
+    use voicectl::domain::ids::CallId;
+    use voicectl::store::calls;
+    // Tenant acme's endpoint accepts and never answers (until our 10 s client timeout).
+    let hung_hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hung_hits.clone();
+    let hung = axum::Router::new().fallback(move || {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, hung).await.unwrap() });
+    let (ok, ok_hits) = counting_receiver(200, None).await;
+    let s = stack(Opts {
+        webhook_url: Some(hung_url),
+        tweak: Box::new(|c| c.server.allow_private_targets = vec!["127.0.0.1".into()]),
+        ..Default::default()
+    })
+    .await;
+    // acme's calls end first (three of them: more than its share of workers), then beta's.
+    let ok_url = format!("http://{ok}/hook");
+    s.store
+        .blocking(move |c| {
+            tenants::create(
+                c,
+                tenants::TenantPatch {
+                    name: Some("beta".into()),
+                    webhook_url: Some(ok_url),
+                    ..Default::default()
+                },
+            )?;
+            for tenant in ["acme", "acme", "acme", "beta"] {
+                let t = tenants::get(c, tenant)?;
+                let id = CallId::generate();
+                calls::insert(
+                    c,
+                    &calls::NewCall {
+                        id: id.clone(),
+                        tenant_id: t.id,
+                        direction: Direction::Outbound,
+                        to: "+14155550100".into(),
+                        from: NUMBER.into(),
+                        status: CallStatus::Completed,
+                        engine: "scripted".into(),
+                        metadata: json!({}),
+                    },
+                )?;
+                calls::enqueue_webhook(c, id.as_str(), t.id)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let start = std::time::Instant::now();
+    while ok_hits.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "beta's webhook waited behind acme's hanging endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // acme's endpoint was being called meanwhile (at most its share at once).
+    let hung_now = hung_hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=2).contains(&hung_now), "{hung_now}");
+    s.shutdown.cancel();
+}
