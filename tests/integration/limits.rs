@@ -32,6 +32,22 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> 
     r.ok().map(|_| start.elapsed())
 }
 
+/// `GET path` from the local address `from` (any 127.0.0.0/8 address is ours on Linux).
+async fn raw_get_from(from: &str, to: std::net::SocketAddr, path: &str) -> String {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answered")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn health_ok(server: &Server) {
     let r = reqwest::get(server.url("/health")).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -70,6 +86,9 @@ async fn silent_connections_are_capped_per_ip_and_closed_at_the_head_deadline() 
         .await
         .expect("over-cap connection closed");
     assert!(t < Duration::from_secs(2), "closed only after {t:?}");
+    // Meanwhile another address is served as usual.
+    let other = raw_get_from("127.0.0.2", server.addr, "/health").await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
 
     // The silent ones are dropped at the head deadline, not held for ever.
     for s in &mut silent {
@@ -147,6 +166,28 @@ async fn slowloris_is_closed_at_the_head_deadline() {
         "{:?}",
         start.elapsed()
     );
+    health_ok(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_http2_connection_is_closed_at_the_head_deadline() {
+    let (_i, server) = tokio::task::block_in_place(|| server_with("header_timeout = \"2s\""));
+    // The HTTP/2 preface selects h2 (protocol detection is over); no request ever follows.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let t = closed_within(&mut s, Duration::from_secs(12))
+        .await
+        .expect("silent h2 connection closed");
+    assert!(t < Duration::from_secs(6), "{t:?}");
+    // Two bytes, then nothing: stuck in protocol detection, closed the same way.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"PR").await.unwrap();
+    let t = closed_within(&mut s, Duration::from_secs(12))
+        .await
+        .expect("connection stuck in protocol detection closed");
+    assert!(t < Duration::from_secs(6), "{t:?}");
     health_ok(&server).await;
 }
 
