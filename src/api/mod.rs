@@ -57,20 +57,34 @@ pub fn app(state: AppState) -> Router {
         .merge(ui::routes());
     own
         // Everything else: `[[proxy]]` routes, or the SPEC 404 when none matches.
-        // `GET /` opens the dashboard unless a route claims it.
-        .fallback(|State(state): State<AppState>, req: Request| async move {
-            if req.uri().path() == "/"
-                && matches!(req.method(), &http::Method::GET | &http::Method::HEAD)
-                && !state.proxy().claims(&req)
-            {
-                return ui::root_redirect();
-            }
-            state
-                .proxy()
-                .handle(req)
-                .await
-                .unwrap_or_else(IntoResponse::into_response)
-        })
+        .fallback(
+            |State(state): State<AppState>, mut req: Request| async move {
+                // `GET /` opens the dashboard unless a route claims it.
+                if req.uri().path() == "/"
+                    && matches!(req.method(), &http::Method::GET | &http::Method::HEAD)
+                    && !state.proxy().claims(&req)
+                {
+                    return ui::root_redirect();
+                }
+                // A proxied WebSocket (or other upgrade) holds a connection for as long as it
+                // lives: it takes a slot of `limits.max_websockets_per_ip` for its whole life.
+                if crate::proxy::headers::upgrade_protocol(req.headers()).is_some() {
+                    let ip = crate::ops::net::request_client_ip(req.extensions());
+                    match state.ops().websocket_guard(ip) {
+                        Ok(g) => {
+                            req.extensions_mut()
+                                .insert(crate::proxy::TunnelSlot::new(g));
+                        }
+                        Err(e) => return ApiError::from(e).into_response(),
+                    }
+                }
+                state
+                    .proxy()
+                    .handle(req)
+                    .await
+                    .unwrap_or_else(IntoResponse::into_response)
+            },
+        )
         // Rate limits before any handler work; metrics see the final (shaped) status.
         .layer(middleware::from_fn_with_state(
             state.clone(),

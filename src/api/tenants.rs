@@ -36,6 +36,7 @@ async fn create(
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
     auth.require_admin()?;
     p.validate_create()?;
+    p.check_webhook_target(&s.config().server.allow_private_targets)?;
     let t = s.store().run(move |c| tenants::create(c, p)).await?;
     tracing::info!(tenant = %t.name, "tenant created");
     Ok((StatusCode::CREATED, Json(t)))
@@ -58,6 +59,7 @@ async fn update(
 ) -> Result<Json<Tenant>, ApiError> {
     auth.require_admin()?;
     p.validate_update(&id)?;
+    p.check_webhook_target(&s.config().server.allow_private_targets)?;
     let t = s.store().run(move |c| tenants::update(c, &id, p)).await?;
     tracing::info!(tenant = %t.name, "tenant updated");
     Ok(Json(t))

@@ -50,8 +50,10 @@ fn verify(
     if signature::validate(cfg.auth_token.expose(), url, params, sig) {
         Ok(())
     } else {
+        // The path only: a query string may carry tokens and never goes to the logs.
+        let path = reqwest::Url::parse(url).map_or_else(|_| String::new(), |u| u.path().to_owned());
         tracing::warn!(
-            url,
+            path,
             "rejected a Twilio request with a bad or missing signature"
         );
         Err(forbidden())
@@ -166,6 +168,9 @@ async fn media(
     let m = s.calls().clone();
     Ok(ws
         .max_message_size(256 * 1024)
+        // Twilio's frames are a few hundred bytes; a larger frame is refused from its header,
+        // before its payload is buffered (the default would take 16 MiB first).
+        .max_frame_size(64 * 1024)
         .read_buffer_size(crate::audio::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             if let Some((leg, start)) = stream::accept(socket).await {

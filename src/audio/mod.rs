@@ -31,9 +31,37 @@ pub const MULAW_FRAME_BYTES: usize = 160;
 /// few hundred bytes (larger ones still fit: the buffer grows for a frame that needs it).
 pub const WS_READ_BUFFER: usize = 4096;
 
+/// Decoded length of base64 `s` without decoding it. Saturating: a malformed string (say,
+/// `"=="`) counts as 0 bytes rather than underflowing.
+pub fn base64_decoded_len(s: &str) -> u64 {
+    let padding = s.bytes().rev().take_while(|&b| b == b'=').count().min(2) as u64;
+    ((s.len() / 4) as u64 * 3).saturating_sub(padding)
+}
+
 /// True for strings that can be placed inside a JSON string literal without escaping and are
 /// base64: what any leg may require of agent audio it splices into its frames.
 pub fn is_base64(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_length_saturates_on_bad_input() {
+        for (s, n) in [
+            ("", 0),
+            ("==", 0),
+            ("=", 0),
+            ("====", 1),
+            ("AA==", 1),
+            ("AAA=", 2),
+            ("AAAA", 3),
+            ("AAAAAA==", 4),
+        ] {
+            assert_eq!(base64_decoded_len(s), n, "{s:?}");
+        }
+    }
 }

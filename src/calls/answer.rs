@@ -100,6 +100,10 @@ impl Shared {
             })
             .await;
         match result {
+            Ok(Inbound::Over) => {
+                tracing::info!(call_sid = %sid, "voice webhook for a call that has ended");
+                Script::Hangup
+            }
             Ok(Inbound::UnknownNumber) => {
                 tracing::warn!(to = %to, from = %from, call_sid = %sid, "inbound call to an unknown number");
                 Script::SayHangup(phrases::NOT_IN_SERVICE)

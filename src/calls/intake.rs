@@ -157,8 +157,22 @@ impl Shared {
                         "no caller ID: pass from, or set the tenant's from_number or twilio.from_number",
                     )));
                 };
-                if let Err(e) = E164::parse(&from) {
-                    return Ok(Err(CallError::invalid("from", e.to_string())));
+                let parsed = match E164::parse(&from) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(CallError::invalid("from", e.to_string()))),
+                };
+                // SPEC §10: a tenant key rings people only as itself (its from_number or
+                // numbers), never as another tenant or an arbitrary number.
+                if let (Scope::Tenant(_), Some(asked)) = (scope, &req.from) {
+                    let own = |n: &String| E164::parse(n).is_ok_and(|n| n == parsed);
+                    if !(tenant.from_number.iter().any(own) || tenant.numbers.iter().any(own)) {
+                        return Ok(Err(CallError::invalid(
+                            "from",
+                            format!(
+                                "{asked} is not one of this tenant's numbers (its from_number or numbers)"
+                            ),
+                        )));
+                    }
                 }
                 let engine = match req.engine.as_deref().or(tenant.engine.as_deref()) {
                     Some(e) => match EngineKind::parse(e) {

@@ -6,14 +6,17 @@
 //! duplicate (a crash between delivery and bookkeeping). The same runner fetches Ultravox
 //! transcripts and reconciles calls whose end no callback reports.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tokio::sync::{Notify, Semaphore};
 
 use super::shared::Shared;
 use crate::domain::timefmt::now_ms;
+use crate::ops::outbound;
 use crate::store::calls::{self, Scope};
 use crate::store::jobs::{self, Job, JobKind};
 use crate::store::{StoreError, tenants};
@@ -40,51 +43,221 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 /// How often a live call with no callbacks coming is checked with Twilio.
 pub const RECONCILE_EVERY_MS: i64 = 30_000;
 
+/// The client for tenant webhooks (`ops::outbound`), rebuilt when
+/// `server.allow_private_targets` changes on reload.
+struct WebhookClient {
+    allow: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl WebhookClient {
+    fn current(
+        slot: &Mutex<Option<WebhookClient>>,
+        allow: &[String],
+    ) -> Result<reqwest::Client, String> {
+        let mut slot = lock(slot);
+        match &*slot {
+            Some(c) if c.allow == allow => Ok(c.http.clone()),
+            _ => {
+                let http = outbound::tenant_client(allow, Duration::from_secs(10))
+                    .map_err(|e| format!("cannot build the webhook client: {e}"))?;
+                *slot = Some(WebhookClient {
+                    allow: allow.to_vec(),
+                    http: http.clone(),
+                });
+                Ok(http)
+            }
+        }
+    }
+}
+
+/// Webhooks and transcript fetches run this many at once …
+const WORKERS: usize = 8;
+/// … at most this many for one tenant, so a tenant whose endpoint hangs holds two slots and
+/// every other tenant's jobs keep flowing.
+const PER_TENANT: usize = 2;
+/// Reconcile jobs (which close calls no callback will close) have their own slots.
+const RECONCILE_WORKERS: usize = 4;
+/// A claimed job comes back by itself after this if the process dies while running it.
+const LEASE_MS: i64 = 120_000;
+
+/// One lane of the runner: its slots and, per tenant, how many of them it holds.
+struct Lane {
+    lane: jobs::Lane,
+    slots: Arc<Semaphore>,
+    per_tenant: usize,
+    busy: Arc<Mutex<HashMap<Option<i64>, usize>>>,
+}
+
+impl Lane {
+    fn new(lane: jobs::Lane, workers: usize, per_tenant: usize) -> Lane {
+        Lane {
+            lane,
+            slots: Arc::new(Semaphore::new(workers)),
+            per_tenant,
+            busy: Arc::default(),
+        }
+    }
+
+    /// Claims what this lane may run now and starts it; true when anything started.
+    async fn dispatch(&self, m: &Arc<Shared>, ctx: &Arc<Ctx>, done: &Arc<Notify>) -> bool {
+        let free = self.slots.available_permits();
+        if free == 0 {
+            return false;
+        }
+        let held = lock(&self.busy).clone();
+        let (lane, per_tenant) = (self.lane, self.per_tenant);
+        let claimed = m
+            .store
+            .run(move |c| {
+                jobs::claim_due(c, lane, free, now_ms() + LEASE_MS, |t| {
+                    per_tenant.saturating_sub(held.get(&t).copied().unwrap_or(0))
+                })
+            })
+            .await;
+        let batch = match claimed {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "job runner cannot read jobs");
+                return false;
+            }
+        };
+        let started = !batch.is_empty();
+        for job in batch {
+            // `claim_due` took at most `free`, and only this loop takes slots.
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            *lock(&self.busy).entry(job.tenant_id).or_default() += 1;
+            let (m, ctx, done, busy) = (m.clone(), ctx.clone(), done.clone(), self.busy.clone());
+            tokio::spawn(async move {
+                let outcome = match job.kind {
+                    JobKind::Webhook => deliver(&m, &ctx, &job).await,
+                    JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
+                    JobKind::Reconcile => reconcile(&m, &job).await,
+                };
+                record(&m, &job, outcome).await;
+                {
+                    let mut b = lock(&busy);
+                    if let Some(n) = b.get_mut(&job.tenant_id) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            b.remove(&job.tenant_id);
+                        }
+                    }
+                }
+                drop(slot);
+                done.notify_one();
+            });
+        }
+        started
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain counters: a poisoned lock still holds consistent values.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the workers share besides `Shared`.
+struct Ctx {
+    webhook_client: Mutex<Option<WebhookClient>>,
+    endpoints: EndpointBreakers,
+}
+
 pub async fn run(m: Arc<Shared>) {
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .user_agent(concat!("voicectl/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "job runner cannot start");
+    let ctx = Arc::new(Ctx {
+        webhook_client: Mutex::new(None),
+        endpoints: EndpointBreakers::default(),
+    });
+    let lanes = [
+        Lane::new(jobs::Lane::Reconcile, RECONCILE_WORKERS, RECONCILE_WORKERS),
+        Lane::new(jobs::Lane::Other, WORKERS, PER_TENANT),
+    ];
+    let done = Arc::new(Notify::new());
+    loop {
+        if m.shutdown.is_cancelled() {
             return;
         }
-    };
-    loop {
-        loop {
-            if m.shutdown.is_cancelled() {
-                return;
-            }
-            match m.store.run(|c| jobs::next_due(c)).await {
-                Ok(Some(job)) => {
-                    let id = job.id;
-                    let outcome = match job.kind {
-                        JobKind::Webhook => deliver(&m, &http, &job).await,
-                        JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
-                        JobKind::Reconcile => reconcile(&m, &job).await,
-                    };
-                    record(&m, &job, outcome).await;
-                    let _ = id;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "job runner cannot read jobs");
-                    break;
-                }
-            }
+        let mut started = false;
+        for lane in &lanes {
+            started |= lane.dispatch(&m, &ctx, &done).await;
+        }
+        if started {
+            // There may be more due than one claim took.
+            continue;
         }
         let wait = match m.store.run(|c| jobs::next_run_at(c)).await {
-            Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(10, 2_000) as u64),
+            Ok(Some(at)) if at > now_ms() => {
+                Duration::from_millis((at - now_ms()).clamp(10, 2_000) as u64)
+            }
+            // Due but not claimable (slots or a tenant's share taken): a finishing job wakes
+            // the loop sooner.
+            Ok(Some(_)) => Duration::from_secs(1),
             _ => Duration::from_secs(2),
         };
         tokio::select! {
             _ = m.wake.jobs.notified() => {}
+            _ = done.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = m.shutdown.cancelled() => return,
         }
     }
+}
+
+/// After this many consecutive failures an endpoint gets no requests for `ENDPOINT_COOL_DOWN_MS`;
+/// then one probe decides. Its jobs wait meanwhile without using up attempts.
+const ENDPOINT_THRESHOLD: u32 = 5;
+const ENDPOINT_COOL_DOWN_MS: i64 = 60_000;
+
+#[derive(Default)]
+struct EndpointBreakers(Mutex<HashMap<String, Breaker>>);
+
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<i64>,
+    probing: bool,
+}
+
+impl EndpointBreakers {
+    /// Ok to send now, or Err(when to look again).
+    fn admit(&self, key: &str, now: i64) -> Result<(), i64> {
+        let mut map = lock(&self.0);
+        let Some(b) = map.get_mut(key) else {
+            return Ok(());
+        };
+        match b.open_until {
+            None => Ok(()),
+            Some(t) if now >= t && !b.probing => {
+                b.probing = true;
+                Ok(())
+            }
+            Some(t) => Err(t.max(now + 5_000)),
+        }
+    }
+
+    fn success(&self, key: &str) {
+        lock(&self.0).remove(key);
+    }
+
+    fn failure(&self, key: &str, now: i64) {
+        let mut map = lock(&self.0);
+        let b = map.entry(key.to_owned()).or_default();
+        b.failures += 1;
+        b.probing = false;
+        if b.failures >= ENDPOINT_THRESHOLD || b.open_until.is_some() {
+            if b.open_until.is_none() {
+                tracing::warn!(endpoint = %key, failures = b.failures, "webhook endpoint failing; pausing its deliveries");
+            }
+            b.open_until = Some(now + ENDPOINT_COOL_DOWN_MS);
+        }
+    }
+}
+
+/// The breaker key of a webhook URL: its origin (no path or query).
+fn endpoint_key(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(|_| url.to_owned(), |u| u.origin().ascii_serialization())
 }
 
 /// What a job run decided.
@@ -113,7 +286,7 @@ async fn record(m: &Shared, job: &Job, outcome: Result<Next, String>) {
     }
 }
 
-async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, String> {
+async fn deliver(m: &Shared, ctx: &Ctx, job: &Job) -> Result<Next, String> {
     let (Some(call_id), Some(tenant_id)) = (job.call_id.clone(), job.tenant_id) else {
         return Ok(Next::Done);
     };
@@ -139,6 +312,22 @@ async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, 
     let (Some(url), Some(secret)) = (tenant.webhook_url, tenant.webhook_secret) else {
         return Ok(Next::Done);
     };
+    // SPEC §10: checked again on every delivery (the row may predate the rule, or have been
+    // written behind the API's back); the resolved address is checked when connecting.
+    let refused = |reason: &str, why: String| {
+        m.metrics.outbound_refused.with(&[reason]).inc();
+        tracing::warn!(tenant = %tenant.name, target = %outbound::loggable(&url), reason = %why, "webhook refused");
+        Err(format!("refused: {why}"))
+    };
+    let allow = m.config().server.allow_private_targets.clone();
+    if let Err(e) = outbound::check(&url, &allow) {
+        return refused(e.reason(), e.to_string());
+    }
+    let endpoint = endpoint_key(&url);
+    if let Err(at) = ctx.endpoints.admit(&endpoint, now_ms()) {
+        return Ok(Next::Later(at));
+    }
+    let http = WebhookClient::current(&ctx.webhook_client, &allow)?;
     let body = serde_json::json!({
         "id": event_id,
         "type": "call.ended",
@@ -159,15 +348,37 @@ async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, 
         .await;
     match res {
         Ok(r) if r.status().is_success() => {
+            ctx.endpoints.success(&endpoint);
             tracing::info!(event_id = %event_id, call_id = %call.id, "webhook delivered");
             Ok(Next::Done)
         }
-        Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-        Err(e) => Err(if e.is_timeout() {
-            "timed out".into()
-        } else {
-            "connection failed".into()
-        }),
+        // Redirects are never followed (they could point anywhere, loopback included).
+        Ok(r) if r.status().is_redirection() => refused(
+            "redirect",
+            format!(
+                "answered HTTP {} (redirects are not followed)",
+                r.status().as_u16()
+            ),
+        ),
+        Ok(r) => {
+            if r.status().is_server_error() {
+                ctx.endpoints.failure(&endpoint, now_ms());
+            } else {
+                ctx.endpoints.success(&endpoint);
+            }
+            Err(format!("HTTP {}", r.status().as_u16()))
+        }
+        Err(e) => match outbound::refusal(&e) {
+            Some(r) => refused(r.reason(), r.to_string()),
+            None => {
+                ctx.endpoints.failure(&endpoint, now_ms());
+                Err(if e.is_timeout() {
+                    "timed out".into()
+                } else {
+                    "connection failed".into()
+                })
+            }
+        },
     }
 }
 
@@ -229,6 +440,26 @@ async fn reconcile(m: &Shared, job: &Job) -> Result<Next, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_breaker_opens_after_failures_and_lets_one_probe_through() {
+        let b = EndpointBreakers::default();
+        let key = endpoint_key("https://hooks.example.com:8443/a?b=c");
+        assert_eq!(key, "https://hooks.example.com:8443");
+        let t = 1_000_000;
+        for _ in 0..ENDPOINT_THRESHOLD {
+            assert!(b.admit(&key, t).is_ok());
+            b.failure(&key, t);
+        }
+        assert_eq!(b.admit(&key, t), Err(t + ENDPOINT_COOL_DOWN_MS));
+        // Another endpoint is not affected.
+        assert!(b.admit("https://other.example.com", t).is_ok());
+        let later = t + ENDPOINT_COOL_DOWN_MS;
+        assert!(b.admit(&key, later).is_ok(), "one probe");
+        assert!(b.admit(&key, later).is_err(), "only one");
+        b.success(&key);
+        assert!(b.admit(&key, later).is_ok());
+    }
 
     #[test]
     fn signature_is_hmac_over_timestamp_and_body() {

@@ -159,6 +159,9 @@ pub fn tenant(ctx: &Ctx, cmd: TenantCmd) -> anyhow::Result<ExitCode> {
         TenantCmd::Add { name, fields } => {
             let patch = fields.into_patch(Some(name));
             patch.validate_create().map_err(invalid_err)?;
+            patch
+                .check_webhook_target(&ctx.load_config()?.server.allow_private_targets)
+                .map_err(invalid_err)?;
             let t = store
                 .blocking(|c| tenants::create(c, patch))
                 .map_err(cli_err)?;
@@ -196,6 +199,9 @@ pub fn tenant(ctx: &Ctx, cmd: TenantCmd) -> anyhow::Result<ExitCode> {
         TenantCmd::Update { tenant, fields } => {
             let patch = fields.into_patch(None);
             patch.validate_update(&tenant).map_err(invalid_err)?;
+            patch
+                .check_webhook_target(&ctx.load_config()?.server.allow_private_targets)
+                .map_err(invalid_err)?;
             let t = store
                 .blocking(|c| tenants::update(c, &tenant, patch))
                 .map_err(cli_err)?;

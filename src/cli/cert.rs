@@ -138,6 +138,10 @@ async fn renew_offline(cfg: &Config, force: bool) -> anyhow::Result<RenewOutcome
     let _lock = crate::store::lock_data_dir(&cfg.server.data_dir)?;
     let tls = tls::Tls::new(cfg, None)?;
     let stop = tokio_util::sync::CancellationToken::new();
+    let gate = crate::edge::Gate::new(
+        cfg,
+        std::sync::Arc::new(crate::ops::metrics::Metrics::new()),
+    );
     let mut tasks = Vec::new();
     if cfg.tls.mode == TlsMode::Acme {
         match cfg.tls.challenge {
@@ -151,7 +155,13 @@ async fn renew_offline(cfg: &Config, force: bool) -> anyhow::Result<RenewOutcome
                         )
                     })?;
                 let base = crate::edge::redirect_base(cfg, None);
-                tasks.push(crate::edge::spawn_http(l, tls.clone(), base, stop.clone()));
+                tasks.push(crate::edge::spawn_http(
+                    l,
+                    tls.clone(),
+                    base,
+                    gate.clone(),
+                    stop.clone(),
+                ));
             }
             crate::config::AcmeChallenge::TlsAlpn01 => {
                 let l = tokio::net::TcpListener::bind(&cfg.server.https_listen)
@@ -164,7 +174,13 @@ async fn renew_offline(cfg: &Config, force: bool) -> anyhow::Result<RenewOutcome
                     })?;
                 let app = axum::Router::new();
                 let tls_config = crate::edge::server_config(&tls)?;
-                tasks.push(crate::edge::spawn_https(l, app, tls_config, stop.clone()));
+                tasks.push(crate::edge::spawn_https(
+                    l,
+                    app,
+                    tls_config,
+                    gate.clone(),
+                    stop.clone(),
+                ));
             }
         }
     }

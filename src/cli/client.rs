@@ -50,7 +50,10 @@ impl LocalServer {
         Ok(Self {
             base,
             key,
-            http: reqwest::Client::new(),
+            // The admin key never follows a redirect to another host.
+            http: reqwest::Client::builder()
+                .redirect(crate::ops::outbound::provider_redirects())
+                .build()?,
         })
     }
 

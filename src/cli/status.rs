@@ -110,6 +110,8 @@ async fn fetch(addr: SocketAddr, key: &str) -> anyhow::Result<StatusReport> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .no_proxy()
+        // The admin key never follows a redirect to another host.
+        .redirect(crate::ops::outbound::provider_redirects())
         .build()?;
     let resp = client
         .get(format!("http://{addr}/api/v1/status"))

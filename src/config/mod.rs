@@ -71,6 +71,9 @@ pub struct ServerConfig {
     pub metrics_allow: Vec<String>,
     /// Proxies/load balancers whose `X-Forwarded-For` names the real client.
     pub trusted_proxies: Vec<String>,
+    /// Hosts (names or addresses) that tenant-supplied URLs may reach over plain http and at
+    /// private/loopback addresses (SPEC §10); empty in production, loopback in tests.
+    pub allow_private_targets: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             queue_timeout: HumanDuration::from_secs(10 * 60),
             metrics_allow: Vec::new(),
             trusted_proxies: Vec::new(),
+            allow_private_targets: Vec::new(),
         }
     }
 }
@@ -281,6 +285,24 @@ pub struct LimitsConfig {
     pub max_websockets_per_ip: u32,
     /// Request line plus headers, in bytes (431 beyond).
     pub max_header_bytes: usize,
+    // Listener limits (SPEC §10); checked by `validate_listener_limits`.
+    /// Open client connections across all listeners; 0 derives it from the descriptor limit
+    /// (`RLIMIT_NOFILE`), leaving a quarter (at least 256) spare for calls and files.
+    pub max_connections: u32,
+    /// Open connections per client address (IPv6 per /64); `server.trusted_proxies` are exempt.
+    pub max_connections_per_ip: u32,
+    /// From accept to the first complete request head: TLS handshake, protocol detection and
+    /// headers must all arrive within this; later heads get it again each.
+    pub header_timeout: HumanDuration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// A request body must arrive in full within this.
+    pub body_timeout: HumanDuration,
+    /// HTTP/2: ping an idle peer this often; no answer within `http2_keepalive_timeout` closes.
+    pub http2_keepalive_interval: HumanDuration,
+    pub http2_keepalive_timeout: HumanDuration,
+    /// HTTP/2: concurrent streams per connection.
+    pub http2_max_streams: u32,
 }
 
 impl Default for LimitsConfig {
@@ -291,7 +313,55 @@ impl Default for LimitsConfig {
             webhook_requests_per_second_per_ip: 500,
             max_websockets_per_ip: 1000,
             max_header_bytes: 16 * 1024,
+            max_connections: 0,
+            max_connections_per_ip: 2048,
+            header_timeout: HumanDuration::from_secs(10),
+            idle_timeout: HumanDuration::from_secs(75),
+            body_timeout: HumanDuration::from_secs(60),
+            http2_keepalive_interval: HumanDuration::from_secs(30),
+            http2_keepalive_timeout: HumanDuration::from_secs(10),
+            http2_max_streams: 100,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// The listener keys (SPEC §10); Err names the key and says why.
+    fn validate_listener_limits(&self) -> Result<(), (&'static str, String)> {
+        if self.max_connections_per_ip == 0 {
+            return Err(("limits.max_connections_per_ip", "must be at least 1".into()));
+        }
+        if self.max_connections != 0 && self.max_connections < self.max_connections_per_ip {
+            return Err((
+                "limits.max_connections",
+                "must be 0 (derive it) or at least limits.max_connections_per_ip".into(),
+            ));
+        }
+        for (key, d, min, max) in [
+            ("limits.header_timeout", self.header_timeout, 1, 300),
+            ("limits.idle_timeout", self.idle_timeout, 1, 3600),
+            ("limits.body_timeout", self.body_timeout, 1, 3600),
+            (
+                "limits.http2_keepalive_interval",
+                self.http2_keepalive_interval,
+                1,
+                3600,
+            ),
+            (
+                "limits.http2_keepalive_timeout",
+                self.http2_keepalive_timeout,
+                1,
+                300,
+            ),
+        ] {
+            if d.0 < std::time::Duration::from_secs(min) || d.as_secs() > max {
+                return Err((key, format!("must be between {min}s and {max}s")));
+            }
+        }
+        if self.http2_max_streams == 0 {
+            return Err(("limits.http2_max_streams", "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 
@@ -643,6 +713,18 @@ impl Config {
                 "must be at least 1024".into(),
             ));
         }
+        for h in &s.allow_private_targets {
+            let bare = h.trim_start_matches('[').trim_end_matches(']');
+            if bare.parse::<std::net::IpAddr>().is_err() && !is_hostname(bare) {
+                return Err(bad(
+                    "server.allow_private_targets",
+                    format!("{h:?} is not a host name or an IP address"),
+                ));
+            }
+        }
+        self.limits
+            .validate_listener_limits()
+            .map_err(|(k, r)| bad(k, r))?;
         for (key, list) in [
             ("server.metrics_allow", &s.metrics_allow),
             ("server.trusted_proxies", &s.trusted_proxies),
@@ -797,6 +879,14 @@ mod tests {
             d.limits.max_websockets_per_ip
         );
         assert_eq!(cfg.limits.max_header_bytes, d.limits.max_header_bytes);
+        assert_eq!(cfg.limits.max_connections, d.limits.max_connections);
+        assert_eq!(
+            cfg.limits.max_connections_per_ip,
+            d.limits.max_connections_per_ip
+        );
+        assert_eq!(cfg.limits.header_timeout, d.limits.header_timeout);
+        assert_eq!(cfg.limits.idle_timeout, d.limits.idle_timeout);
+        assert_eq!(cfg.limits.body_timeout, d.limits.body_timeout);
         assert_eq!(cfg.server.metrics_allow, d.server.metrics_allow);
         assert_eq!(cfg.server.trusted_proxies, d.server.trusted_proxies);
         assert_eq!(cfg.public_url(), "https://voice.example.com");
@@ -879,6 +969,22 @@ mod tests {
             (
                 "[server]\ndomain=\"a.b\"\n[limits]\nmax_header_bytes=10",
                 "limits.max_header_bytes",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[limits]\nmax_connections_per_ip=0",
+                "limits.max_connections_per_ip",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[limits]\nmax_connections=5\nmax_connections_per_ip=10",
+                "limits.max_connections",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[limits]\nheader_timeout=\"0s\"",
+                "limits.header_timeout",
+            ),
+            (
+                "[server]\ndomain=\"a.b\"\n[limits]\nbody_timeout=\"2h\"",
+                "limits.body_timeout",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

@@ -108,6 +108,16 @@ impl TenantPatch {
 }
 
 impl TenantPatch {
+    /// SPEC §10: a webhook must be a URL we may call (https, or plain http to an allowed host;
+    /// no literal private address). Names are checked again when connecting.
+    pub fn check_webhook_target(&self, allow: &[String]) -> Result<(), Invalid> {
+        if let Some(u) = self.webhook_url.as_deref().filter(|u| !u.is_empty()) {
+            crate::domain::net::check_outbound_url(u, allow)
+                .map_err(|e| Invalid::new("webhook_url", e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// A new tenant: a valid name is required, every given field must pass.
     pub fn validate_create(&self) -> Result<(), Invalid> {
         if self.name.is_none() {

@@ -17,6 +17,10 @@ use crate::domain::ids::CallId;
 pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Largest engine WebSocket frame and message we accept.
+pub(crate) const ENGINE_MAX_FRAME: usize = 512 * 1024;
+pub(crate) const ENGINE_MAX_MESSAGE: usize = 2 * 1024 * 1024;
+
 /// Opens an engine's WebSocket the way the bridge needs it: small read buffer (see
 /// [`crate::audio::WS_READ_BUFFER`]) and no Nagle, since caller frames must leave at once.
 pub(crate) async fn connect_ws<R>(req: R) -> Result<Ws, tokio_tungstenite::tungstenite::Error>
@@ -24,7 +28,11 @@ where
     R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 {
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(crate::audio::WS_READ_BUFFER);
+        .read_buffer_size(crate::audio::WS_READ_BUFFER)
+        // Engine events are at most tens of KiB (audio deltas); refuse a larger frame from its
+        // header instead of buffering up to tungstenite's 16 MiB default first.
+        .max_frame_size(Some(ENGINE_MAX_FRAME))
+        .max_message_size(Some(ENGINE_MAX_MESSAGE));
     let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
     Ok(ws)
 }
@@ -187,5 +195,40 @@ impl Engine {
             Engine::OpenAi(e) => e.close().await,
             Engine::UltravoxWs(e) => e.close().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn an_oversized_engine_frame_is_refused_from_its_header() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            // A 1 MiB binary frame: only its header and a few bytes are ever sent.
+            let mut head = vec![0x82u8, 127];
+            head.extend_from_slice(&(1u64 << 20).to_be_bytes());
+            head.extend_from_slice(&[0u8; 16]);
+            ws.get_mut().write_all(&head).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        });
+        let mut ws = connect_ws(format!("ws://{addr}/")).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+            .await
+            .expect("refused at once, not after waiting for 1 MiB");
+        assert!(
+            matches!(
+                got,
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_)))
+            ),
+            "{got:?}"
+        );
+        server.abort();
     }
 }

@@ -107,6 +107,8 @@ fn duration_ms(s: &str) -> Option<i64> {
 impl UltravoxClient {
     pub fn new(cfg: &UltravoxConfig) -> Result<Self, UltravoxError> {
         let http = reqwest::Client::builder()
+            // Our key must never follow a redirect to another host.
+            .redirect(crate::ops::outbound::provider_redirects())
             .timeout(Duration::from_secs(8))
             .connect_timeout(Duration::from_secs(5))
             .user_agent(concat!("voicectl/", env!("CARGO_PKG_VERSION")))
@@ -247,20 +249,52 @@ impl UltravoxClient {
                     at_ms,
                 });
             }
-            match page.next.filter(|n| !n.is_empty()) {
-                // Only follow pages on the same service.
-                Some(next) if next.starts_with(&self.base) => url = next,
-                Some(next) if next.starts_with('/') => url = format!("{}{next}", self.base),
-                _ => return Ok(out),
+            match page.next.as_deref().and_then(|n| next_page(&self.base, n)) {
+                Some(next) => url = next,
+                None => return Ok(out),
             }
         }
         Ok(out)
     }
 }
 
+/// The next page's URL when it is on the same origin as `base` (scheme, host and port
+/// compared parsed, so `https://api.ultravox.ai.evil.tld` or `//evil.tld` never get our key).
+fn next_page(base: &str, next: &str) -> Option<String> {
+    if next.is_empty() {
+        return None;
+    }
+    let base = reqwest::Url::parse(base).ok()?;
+    let url = base.join(next).ok()?;
+    crate::ops::outbound::same_origin(&base, &url).then(|| url.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pagination_stays_on_the_ultravox_origin() {
+        let base = "https://api.ultravox.ai";
+        for (next, want) in [
+            (
+                "https://api.ultravox.ai/api/calls/x/messages?cursor=2",
+                Some("https://api.ultravox.ai/api/calls/x/messages?cursor=2"),
+            ),
+            (
+                "/api/calls/x/messages?cursor=2",
+                Some("https://api.ultravox.ai/api/calls/x/messages?cursor=2"),
+            ),
+            ("https://api.ultravox.ai.evil.tld/api/calls", None),
+            ("https://api.ultravox.ai@evil.tld/api/calls", None),
+            ("//evil.tld/api/calls", None),
+            ("http://api.ultravox.ai/api/calls", None),
+            ("https://api.ultravox.ai:444/api/calls", None),
+            ("", None),
+        ] {
+            assert_eq!(next_page(base, next).as_deref(), want, "{next}");
+        }
+    }
 
     #[test]
     fn protobuf_durations() {

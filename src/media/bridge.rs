@@ -296,9 +296,7 @@ impl<L: Leg> Bridge<L> {
                 if self.dropped_items.contains(&item) || !crate::audio::is_base64(&payload_b64) {
                     return Ok(());
                 }
-                // base64 length → bytes without decoding.
-                let bytes = (payload_b64.len() / 4 * 3) as u64
-                    - payload_b64.bytes().rev().take_while(|&b| b == b'=').count() as u64;
+                let bytes = crate::audio::base64_decoded_len(&payload_b64);
                 if self.latency.greeting_ms.is_none() {
                     self.latency.greeting_ms = Some(ms_since(self.started));
                 }

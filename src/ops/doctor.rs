@@ -541,6 +541,8 @@ async fn check_twilio(cfg: &Config) -> (Check, Option<time::OffsetDateTime>) {
     let base = t.api_base_url.trim_end_matches('/');
     let url = format!("{base}/2010-04-01/Accounts/{}.json", t.account_sid);
     let client = match reqwest::Client::builder()
+        // Our Twilio credentials never follow a redirect to another host.
+        .redirect(super::outbound::provider_redirects())
         .timeout(Duration::from_secs(10))
         .user_agent(concat!("voicectl-doctor/", env!("CARGO_PKG_VERSION")))
         .build()

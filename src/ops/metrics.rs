@@ -194,6 +194,12 @@ pub struct Metrics {
     pub engine_errors: Family<Counter>,
     pub engine_circuit_state: Family<Gauge>,
     pub certificate_expiry: Family<Gauge>,
+    /// Listener limits (SPEC §10): connections closed at accept (`global`, `per_ip`) or for
+    /// being too slow (`head_timeout`, `idle`).
+    pub connections_refused: Family<Counter>,
+    pub connections_open: Gauge,
+    /// Outbound requests to tenant-supplied URLs refused by the guard, by reason.
+    pub outbound_refused: Family<Counter>,
     registry: Registry,
 }
 
@@ -231,6 +237,9 @@ impl Metrics {
             engine_errors: Family::counter(&["engine", "kind"]),
             engine_circuit_state: Family::gauge(&["engine"]),
             certificate_expiry: Family::gauge(&["domain"]),
+            connections_refused: Family::counter(&["reason"]),
+            connections_open: Gauge::default(),
+            outbound_refused: Family::counter(&["reason"]),
             registry: Registry::default(),
         };
         m.registered()
@@ -322,6 +331,22 @@ impl Metrics {
             r,
             "voicectl_engine_errors",
             "Voice engine errors, by engine and kind.",
+        );
+        self.connections_refused.register(
+            r,
+            "voicectl_connections_refused",
+            "Client connections closed by a listener limit: global, per_ip (at accept), head_timeout, idle.",
+        );
+        register(
+            r,
+            "voicectl_connections_open",
+            "Client connections currently open on all listeners (upgraded WebSockets included).",
+            self.connections_open.clone(),
+        );
+        self.outbound_refused.register(
+            r,
+            "voicectl_outbound_refused",
+            "Requests to tenant-supplied URLs refused (scheme, address, redirect).",
         );
         self.engine_circuit_state.register(
             r,

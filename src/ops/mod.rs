@@ -9,6 +9,7 @@ pub mod fscheck;
 pub mod lifecycle;
 pub mod metrics;
 pub mod net;
+pub mod outbound;
 pub mod ratelimit;
 pub mod sdnotify;
 

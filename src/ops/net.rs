@@ -59,15 +59,19 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        if let Some(ip) = parts.extensions.get::<ClientIp>() {
-            return Ok(*ip);
-        }
-        let peer = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
-        Ok(ClientIp(peer.map_or(UNKNOWN, canonical)))
+        Ok(ClientIp(request_client_ip(&parts.extensions)))
     }
+}
+
+/// [`ClientIp`] from a request's extensions (the ops middleware's answer, else the peer).
+pub fn request_client_ip(ext: &axum::http::Extensions) -> IpAddr {
+    if let Some(ip) = ext.get::<ClientIp>() {
+        return ip.0;
+    }
+    let peer = ext
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    peer.map_or(UNKNOWN, canonical)
 }
 
 /// Stands in for the peer when a listener provides no `ConnectInfo` (only in-process tests;

@@ -44,6 +44,7 @@ impl Proxy {
         };
         // Must be taken before the request is consumed, or the client side never upgrades.
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let slot = req.extensions_mut().remove::<super::TunnelSlot>();
 
         let (mut parts, body) = req.into_parts();
         let h = &mut parts.headers;
@@ -74,7 +75,7 @@ impl Proxy {
         if let (Some(proto), Some(client_upgrade)) = (upgrade, client_upgrade)
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
         {
-            return tunnel(resp, proto, client_upgrade);
+            return tunnel(resp, proto, client_upgrade, slot);
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -92,6 +93,7 @@ fn tunnel(
     mut resp: hyper::Response<hyper::body::Incoming>,
     proto: HeaderValue,
     client_upgrade: hyper::upgrade::OnUpgrade,
+    slot: Option<super::TunnelSlot>,
 ) -> Result<Response, ProxyError> {
     let agreed = resp
         .headers()
@@ -116,6 +118,7 @@ fn tunnel(
         if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(error = %e, "proxy tunnel closed");
         }
+        drop(slot);
     });
     let (mut parts, _) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);

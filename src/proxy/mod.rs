@@ -55,6 +55,17 @@ pub enum ProxyError {
     Upstream(String),
 }
 
+/// A WebSocket slot (`limits.max_websockets_per_ip`) taken for an upgrade request; the
+/// tunnel holds it until it closes (held, never read). Travels in the request's extensions.
+#[derive(Clone)]
+pub struct TunnelSlot(#[allow(dead_code)] Arc<crate::ops::WsGuard>);
+
+impl TunnelSlot {
+    pub fn new(guard: crate::ops::WsGuard) -> Self {
+        Self(Arc::new(guard))
+    }
+}
+
 /// The proxy: a swappable route table and one pooled client shared by all upstreams.
 pub struct Proxy {
     table: RwLock<Arc<ProxyTable>>,

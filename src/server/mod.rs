@@ -150,9 +150,20 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     let app = api::app(state.clone());
 
     let stop_listeners = CancellationToken::new();
+    let gate = edge::Gate::new(&config, state.ops().metrics().clone());
+    tracing::info!(
+        max_connections = gate.max_connections(),
+        max_connections_per_ip = config.limits.max_connections_per_ip,
+        "connection limits"
+    );
     let mut listeners = Vec::new();
     if let Some(l) = plain {
-        listeners.push(edge::spawn_plain(l, app.clone(), stop_listeners.clone()));
+        listeners.push(edge::spawn_plain(
+            l,
+            app.clone(),
+            gate.clone(),
+            stop_listeners.clone(),
+        ));
     }
     if let (Some(tls), Some(l)) = (&tls, https) {
         let tls_config = edge::server_config(tls).context("building the TLS configuration")?;
@@ -160,6 +171,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
             l,
             app.clone(),
             tls_config,
+            gate.clone(),
             stop_listeners.clone(),
         ));
         if let Some(h) = http {
@@ -168,6 +180,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
                 h,
                 tls.clone(),
                 base,
+                gate.clone(),
                 stop_listeners.clone(),
             ));
         }

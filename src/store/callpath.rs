@@ -105,6 +105,8 @@ pub enum Inbound {
     Ready {
         data: Box<CallData>,
     },
+    /// A replayed webhook for a call that has already ended: nothing to connect.
+    Over,
 }
 
 /// Creates (or finds) the record of an inbound call, schedules its reconciliation at
@@ -124,8 +126,17 @@ pub fn prepare_inbound(
 ) -> Result<Inbound> {
     let tx = conn.transaction()?;
     let id = match calls::id_by_sid(&tx, sid)? {
-        // The carrier retried the webhook: same call, new token.
-        Some(existing) => existing,
+        // The carrier retried the webhook: same call, new token; unless it has ended, when
+        // a (replayed) request must not bring it, or an engine session, back.
+        Some(existing) => {
+            if calls::get(&tx, calls::Scope::All, &existing)?
+                .status
+                .is_terminal()
+            {
+                return Ok(Inbound::Over);
+            }
+            existing
+        }
         None => {
             let Some(tenant) = tenants::by_number(&tx, to)? else {
                 return Ok(Inbound::UnknownNumber);

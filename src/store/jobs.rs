@@ -92,6 +92,89 @@ pub fn next_due(conn: &Connection) -> Result<Option<Job>> {
     }
 }
 
+/// Which worker runs a job: reconcile jobs (settling calls with the carrier) have their own,
+/// so tenant webhooks and transcript fetches can never hold them up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Reconcile,
+    Other,
+}
+
+/// Claims up to `limit` due jobs of `lane`, oldest first but fairly: at most `left(tenant)`
+/// per tenant (jobs without a tenant count as one). Each claimed job is leased until
+/// `lease_until` (its `run_at` moves there), so it is not handed out twice and comes back by
+/// itself if the process dies while running it. Unknown kinds are marked dead on the way.
+pub fn claim_due(
+    conn: &mut Connection,
+    lane: Lane,
+    limit: usize,
+    lease_until: i64,
+    mut left: impl FnMut(Option<i64>) -> usize,
+) -> Result<Vec<Job>> {
+    let tx = conn.transaction()?;
+    let rows: Vec<(String, Job)> = {
+        // The window keeps one busy tenant's backlog from filling the batch.
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, kind, call_id, tenant_id, dedupe_key, attempts FROM (                SELECT *, ROW_NUMBER() OVER (PARTITION BY tenant_id ORDER BY run_at, id) AS rn                FROM jobs WHERE state = 'pending' AND run_at <= ?1 AND (kind = 'reconcile') = ?2              ) WHERE rn <= ?3 ORDER BY run_at, id LIMIT ?4",
+        )?;
+        let per_tenant = limit.max(1) as i64;
+        stmt.query_map(
+            params![
+                now_ms(),
+                lane == Lane::Reconcile,
+                per_tenant,
+                (limit.max(1) * 8) as i64
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, String>(1)?,
+                    Job {
+                        id: r.get(0)?,
+                        kind: JobKind::Webhook,
+                        call_id: r.get(2)?,
+                        tenant_id: r.get(3)?,
+                        dedupe_key: r.get(4)?,
+                        attempts: r.get(5)?,
+                    },
+                ))
+            },
+        )?
+        .collect::<std::result::Result<_, _>>()?
+    };
+    let mut out = Vec::new();
+    let mut taken: std::collections::HashMap<Option<i64>, usize> = Default::default();
+    for (kind, job) in rows {
+        if out.len() >= limit {
+            break;
+        }
+        let Some(kind) = JobKind::parse(&kind) else {
+            retry(&tx, job.id, None, &format!("unknown job kind {kind:?}"))?;
+            continue;
+        };
+        let n = taken.entry(job.tenant_id).or_default();
+        if *n >= left(job.tenant_id) {
+            continue;
+        }
+        *n += 1;
+        tx.execute(
+            "UPDATE jobs SET run_at = ?1 WHERE id = ?2",
+            params![lease_until, job.id],
+        )?;
+        out.push(Job { kind, ..job });
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+/// When the earliest pending job of `lane` is due.
+pub fn next_run_at_in(conn: &Connection, lane: Lane) -> Result<Option<i64>> {
+    Ok(conn.query_row(
+        "SELECT MIN(run_at) FROM jobs WHERE state = 'pending' AND (kind = 'reconcile') = ?1",
+        [lane == Lane::Reconcile],
+        |r| r.get(0),
+    )?)
+}
+
 /// Moves a pending reconcile for `call_id` earlier to `at` (never later), or queues one.
 pub fn reconcile_by(conn: &Connection, call_id: &str, at: i64) -> Result<()> {
     let key = reconcile_key(call_id);
@@ -155,6 +238,44 @@ pub fn pending_count(conn: &Connection) -> Result<i64> {
 mod tests {
     use super::*;
     use crate::store::test_store;
+
+    #[test]
+    fn claims_are_fair_per_tenant_leased_and_split_by_lane() {
+        let (_d, store) = test_store();
+        store
+            .blocking(|c| {
+                for t in ["t1", "t2"] {
+                    crate::store::tenants::create(
+                        c,
+                        crate::store::tenants::TenantPatch {
+                            name: Some(t.into()),
+                            ..Default::default()
+                        },
+                    )?;
+                }
+                // Tenant 1 has a backlog of 10, queued before tenant 2's single job.
+                for i in 0..10 {
+                    enqueue(c, JobKind::Webhook, None, Some(1), &format!("a{i}"), 1)?;
+                }
+                enqueue(c, JobKind::Webhook, None, Some(2), "b", 2)?;
+                enqueue(c, JobKind::Reconcile, None, None, "reconcile:x", 0)?;
+                let got = claim_due(c, Lane::Other, 4, now_ms() + 60_000, |_| 2)?;
+                let tenants: Vec<_> = got.iter().map(|j| j.tenant_id).collect();
+                assert_eq!(tenants, vec![Some(1), Some(1), Some(2)]);
+                assert!(got.iter().all(|j| j.kind == JobKind::Webhook));
+                // Leased: not handed out again.
+                let again = claim_due(c, Lane::Other, 4, now_ms() + 60_000, |t| {
+                    if t == Some(1) { 2 } else { 0 }
+                })?;
+                assert_eq!(again.len(), 2);
+                assert!(again.iter().all(|j| !got.iter().any(|g| g.id == j.id)));
+                let r = claim_due(c, Lane::Reconcile, 4, now_ms() + 60_000, |_| 4)?;
+                assert_eq!(r.len(), 1);
+                assert_eq!(r[0].kind, JobKind::Reconcile);
+                Ok(())
+            })
+            .unwrap();
+    }
 
     #[test]
     fn kinds_are_typed_and_unknown_rows_do_not_block_the_queue() {

@@ -181,14 +181,20 @@ pub fn authenticate(conn: &Connection, presented: &str) -> Result<Option<Princip
             params![now, id.as_str()],
         )?;
     }
-    Ok(Some(match (is_admin, tenant_id, tenant) {
-        (false, Some(tenant_id), Some(tenant)) => Principal::Tenant {
+    // Fail closed: admin only for a row that says admin and names no tenant; a tenant key
+    // whose tenant row is gone (deleted with foreign keys off) or any other mix is no one.
+    Ok(match (is_admin, tenant_id, tenant) {
+        (false, Some(tenant_id), Some(tenant)) => Some(Principal::Tenant {
             key_id: id,
             tenant_id,
             tenant,
-        },
-        _ => Principal::Admin { key_id: id },
-    }))
+        }),
+        (true, None, _) => Some(Principal::Admin { key_id: id }),
+        _ => {
+            tracing::warn!(key_id = %id, "API key refused: its tenant no longer exists");
+            None
+        }
+    })
 }
 
 #[cfg(test)]
@@ -196,6 +202,47 @@ mod tests {
     use super::*;
     use crate::domain::tenant::validate_key;
     use crate::store::{tenants::TenantPatch, test_store};
+
+    #[test]
+    fn a_key_whose_tenant_row_is_gone_is_no_one_not_admin() {
+        let (d, store) = test_store();
+        let (tenant_key, admin_key) = store
+            .blocking(|c| {
+                tenants::create(
+                    c,
+                    TenantPatch {
+                        name: Some("acme".into()),
+                        ..Default::default()
+                    },
+                )?;
+                Ok((
+                    create(c, Some("acme"), "ci", None)?.key,
+                    create(c, None, "admin", None)?.key,
+                ))
+            })
+            .unwrap();
+        // What an operator can do from the sqlite3 shell: foreign keys are off by default
+        // there, so the tenant goes and its keys stay.
+        let shell = Connection::open(d.path().join("data").join(crate::store::DB_FILE)).unwrap();
+        shell
+            .execute_batch("PRAGMA foreign_keys = OFF; DELETE FROM tenants WHERE name = 'acme';")
+            .unwrap();
+        drop(shell);
+        store
+            .blocking(move |c| {
+                assert_eq!(
+                    authenticate(c, &tenant_key)?,
+                    None,
+                    "orphaned key is refused"
+                );
+                assert!(matches!(
+                    authenticate(c, &admin_key)?,
+                    Some(Principal::Admin { .. })
+                ));
+                Ok(())
+            })
+            .unwrap();
+    }
 
     #[test]
     fn keys_authenticate_until_revoked_or_expired() {

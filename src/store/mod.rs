@@ -135,7 +135,10 @@ impl Store {
             .map_err(|e| StoreError::io(format!("chmod {}", path.display()), e))?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: every commit is fsynced before it returns, so an answered 2xx (a queued call,
+        // a dial claim) survives power loss, not only a crashed process (SPEC §10). NORMAL
+        // could roll back the last commits and dial a person twice after a power cut.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::apply(&conn, &path)?;
         // After the writer: the database is in WAL mode and its schema current by now.
@@ -314,6 +317,9 @@ mod tests {
                 assert_eq!(mode, "wal");
                 let fk: i64 = c.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
                 assert_eq!(fk, 1);
+                // 2 = FULL: commits are durable across power loss.
+                let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                assert_eq!(sync, 2);
                 Ok(())
             })
             .unwrap();

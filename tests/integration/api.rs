@@ -465,6 +465,52 @@ async fn bad_tenant_input_is_400_or_409_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn tenant_webhooks_to_private_or_plain_http_targets_are_400() {
+    let f = fixture();
+    let a = Some(f.admin.as_str());
+    f.send("POST", "/api/v1/tenants", a, Some(json!({"name": "acme"})))
+        .await;
+    let before = f.send("GET", "/api/v1/tenants", a, None).await.1;
+    for url in [
+        "https://169.254.169.254/latest/meta-data/",
+        "https://10.0.0.7/hook",
+        "https://[::1]/hook",
+        "https://[::ffff:127.0.0.1]/hook",
+        "https://[fd00::1]/hook",
+        "http://hooks.example.com/hook",
+        "https://user:pw@hooks.example.com/hook",
+    ] {
+        let (st, v) = f
+            .send(
+                "POST",
+                "/api/v1/tenants",
+                a,
+                Some(json!({"name": "b", "webhook_url": url})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{url}: {v}");
+        assert_error_shape(&v, "invalid_request");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("webhook_url"),
+            "{v}"
+        );
+        let (st, v) = f
+            .send(
+                "PUT",
+                "/api/v1/tenants/acme",
+                a,
+                Some(json!({"webhook_url": url})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{url}: {v}");
+    }
+    assert_eq!(f.send("GET", "/api/v1/tenants", a, None).await.1, before);
+}
+
+#[tokio::test]
 async fn framework_rejections_use_the_error_shape() {
     let f = fixture();
     let auth = format!("Bearer {}", f.admin);

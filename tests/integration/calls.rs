@@ -20,6 +20,7 @@ const PUBLIC: &str = "https://voice.example.com";
 struct F {
     _dir: tempfile::TempDir,
     app: Router,
+    state: AppState,
     metrics: Arc<voicectl::ops::metrics::Metrics>,
     store: Store,
     admin: String,
@@ -57,10 +58,11 @@ fn fixture() -> F {
     cfg.twilio.from_number = "+14155550199".into();
     let state = AppState::new(store.clone(), Arc::new(cfg));
     let metrics = state.ops().metrics().clone();
-    let app = app(state);
+    let app = app(state.clone());
     F {
         _dir: dir,
         app,
+        state,
         metrics,
         store,
         admin,
@@ -158,6 +160,43 @@ impl F {
             })
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_tenant_key_may_use_only_its_own_numbers_as_caller_id() {
+    let f = fixture();
+    for from in ["+14155550002", "+14155550199", "+19995550000"] {
+        let (s, e) = f
+            .api(
+                "POST",
+                "/api/v1/calls",
+                &f.key_a,
+                Some(json!({"to": "+14155550100", "from": from})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{from}: {e}");
+        assert_eq!(e["error"]["code"], "invalid_request", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("from"),
+            "{e}"
+        );
+    }
+    let (_, list) = f.api("GET", "/api/v1/calls", &f.key_a, None).await;
+    assert_eq!(
+        list["calls"].as_array().map(Vec::len),
+        Some(0),
+        "nothing created: {list}"
+    );
+    // Its own number is fine; so is leaving from out (the tenant's or server's default).
+    let v = f
+        .create(
+            &f.key_a,
+            json!({"to": "+14155550100", "from": "+14155550001"}),
+        )
+        .await;
+    assert_eq!(v["from"], "+14155550001");
+    let v = f.create(&f.key_a, json!({"to": "+14155550101"})).await;
+    assert_eq!(v["from"], "+14155550199");
 }
 
 #[tokio::test]
@@ -604,6 +643,50 @@ async fn inbound_calls_route_by_number() {
         .await;
     let (_, list) = f.api("GET", "/api/v1/calls", &f.key_b, None).await;
     assert_eq!(list["calls"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_replayed_voice_webhook_for_an_ended_call_hangs_up() {
+    let f = fixture();
+    let params = vec![
+        ("CallSid", "CA0000000000000000000000000000000a"),
+        ("From", "+14155557777"),
+        ("To", "+14155550002"),
+        ("Direction", "inbound"),
+        ("CallStatus", "ringing"),
+    ];
+    let (_, xml) = f.twilio("/twilio/voice", &params, None).await;
+    assert!(xml.as_str().unwrap().contains("<Stream url="), "{xml}");
+    let (_, list) = f.api("GET", "/api/v1/calls", &f.key_b, None).await;
+    let id = list["calls"][0]["id"].as_str().unwrap().to_owned();
+    let (s, _) = f
+        .twilio(
+            &format!("/twilio/status/{id}"),
+            &[
+                ("CallSid", "CA0000000000000000000000000000000a"),
+                ("CallStatus", "completed"),
+                ("CallDuration", "3"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(f.status_of(&id).0, "completed");
+    let sessions = f.state.calls().session_count();
+    // The same signed request again (a replay): hang up, no stream, nothing reopened.
+    let (s, xml) = f.twilio("/twilio/voice", &params, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let xml = xml.as_str().unwrap();
+    assert!(
+        xml.contains("<Hangup/>") && !xml.contains("<Stream"),
+        "{xml}"
+    );
+    assert_eq!(f.status_of(&id).0, "completed");
+    assert_eq!(
+        f.state.calls().session_count(),
+        sessions,
+        "no engine session was opened"
+    );
 }
 
 #[tokio::test]

@@ -615,6 +615,8 @@ async fn tenant_webhook_is_signed_and_retried_until_accepted() {
     tokio::spawn(async move { axum::serve(l, receiver).await.unwrap() });
     let s = stack(Opts {
         webhook_url: Some(url),
+        // SPEC §10: plain http to loopback only because the host is allowed.
+        tweak: Box::new(|c| c.server.allow_private_targets = vec!["127.0.0.1".into()]),
         ..Default::default()
     })
     .await;
@@ -794,4 +796,181 @@ async fn media_socket_that_never_sends_start_is_closed() {
     assert!(started.elapsed() >= Duration::from_secs(9));
     assert_eq!(s.manager.session_count(), 0);
     assert_eq!(s.manager.bridged_count(), 0);
+}
+
+/// A receiver on loopback that counts what it gets; answers `status` (with `location`).
+async fn counting_receiver(
+    status: u16,
+    location: Option<String>,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let (h, location) = (h.clone(), location.clone());
+        async move {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut r = axum::response::Response::new(axum::body::Body::empty());
+            *r.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+            if let Some(l) = location {
+                r.headers_mut()
+                    .insert("location", axum::http::HeaderValue::from_str(&l).unwrap());
+            }
+            r
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (addr, hits)
+}
+
+/// Waits until the refusal counter reaches `n` (the runner refuses asynchronously).
+async fn await_refused(s: &Stack, reason: &str, n: u64) {
+    let needle = format!("voicectl_outbound_refused_total{{reason=\"{reason}\"}} {n}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = s.manager.metrics().render();
+        if text.contains(&needle) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in:\n{}",
+            text.lines()
+                .filter(|l| l.contains("outbound"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn webhooks_to_private_targets_and_redirects_into_them_are_refused() {
+    // A tenant row written behind the API's back (e.g. before the rule existed) pointing at
+    // a loopback receiver that is not in allow_private_targets: never contacted.
+    let (inner, inner_hits) = counting_receiver(200, None).await;
+    let s = stack(Opts {
+        webhook_url: Some(format!("http://{inner}/hook?token=s3cret")),
+        ..Default::default()
+    })
+    .await;
+    s.sim.set_scenario(
+        "+14155550042",
+        script(vec![Step::Silence(100), Step::Hangup]),
+    );
+    let id = s.call("+14155550042").await;
+    s.follow(&id, Duration::from_secs(10)).await;
+    await_refused(&s, "scheme", 1).await;
+    assert_eq!(inner_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    s.shutdown.cancel();
+
+    // https to a name that resolves to loopback: refused at connect time.
+    let s = stack(Opts {
+        webhook_url: Some(format!("https://localhost:{}/hook", inner.port())),
+        ..Default::default()
+    })
+    .await;
+    s.sim.set_scenario(
+        "+14155550043",
+        script(vec![Step::Silence(100), Step::Hangup]),
+    );
+    let id = s.call("+14155550043").await;
+    s.follow(&id, Duration::from_secs(10)).await;
+    await_refused(&s, "address", 1).await;
+    assert_eq!(inner_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    s.shutdown.cancel();
+
+    // An allowed receiver that redirects into another loopback port: not followed.
+    let (outer, outer_hits) = counting_receiver(307, Some(format!("http://{inner}/x"))).await;
+    let s = stack(Opts {
+        webhook_url: Some(format!("http://{outer}/hook")),
+        tweak: Box::new(move |c| {
+            c.server.allow_private_targets = vec![format!("{}", outer.ip())];
+        }),
+        ..Default::default()
+    })
+    .await;
+    s.sim.set_scenario(
+        "+14155550044",
+        script(vec![Step::Silence(100), Step::Hangup]),
+    );
+    let id = s.call("+14155550044").await;
+    s.follow(&id, Duration::from_secs(10)).await;
+    await_refused(&s, "redirect", 1).await;
+    assert_eq!(outer_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(inner_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_tenant_whose_webhook_hangs_does_not_delay_another_tenants_webhook() {
+    use voicectl::calls::{CallStatus, Direction};
+    use voicectl::domain::ids::CallId;
+    use voicectl::store::calls;
+    // Tenant acme's endpoint accepts and never answers (until our 10 s client timeout).
+    let hung_hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hung_hits.clone();
+    let hung = axum::Router::new().fallback(move || {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, hung).await.unwrap() });
+    let (ok, ok_hits) = counting_receiver(200, None).await;
+    let s = stack(Opts {
+        webhook_url: Some(hung_url),
+        tweak: Box::new(|c| c.server.allow_private_targets = vec!["127.0.0.1".into()]),
+        ..Default::default()
+    })
+    .await;
+    // acme's calls end first (three of them: more than its share of workers), then beta's.
+    let ok_url = format!("http://{ok}/hook");
+    s.store
+        .blocking(move |c| {
+            tenants::create(
+                c,
+                tenants::TenantPatch {
+                    name: Some("beta".into()),
+                    webhook_url: Some(ok_url),
+                    ..Default::default()
+                },
+            )?;
+            for tenant in ["acme", "acme", "acme", "beta"] {
+                let t = tenants::get(c, tenant)?;
+                let id = CallId::generate();
+                calls::insert(
+                    c,
+                    &calls::NewCall {
+                        id: id.clone(),
+                        tenant_id: t.id,
+                        direction: Direction::Outbound,
+                        to: "+14155550100".into(),
+                        from: NUMBER.into(),
+                        status: CallStatus::Completed,
+                        engine: "scripted".into(),
+                        metadata: json!({}),
+                    },
+                )?;
+                calls::enqueue_webhook(c, id.as_str(), t.id)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let start = std::time::Instant::now();
+    while ok_hits.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "beta's webhook waited behind acme's hanging endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // acme's endpoint was being called meanwhile (at most its share at once).
+    let hung_now = hung_hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=2).contains(&hung_now), "{hung_now}");
+    s.shutdown.cancel();
 }

@@ -10,6 +10,7 @@ mod engines;
 mod fakes_selftest;
 mod layering;
 mod lifecycle;
+mod limits;
 mod ops;
 mod proxy;
 mod serve;

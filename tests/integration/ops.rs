@@ -1140,6 +1140,7 @@ fn systemd_unit_verifies_and_exposure_is_at_most_2() {
         "MemoryDenyWriteExecute=yes",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
+        "IPAddressDeny=169.254.0.0/16 fe80::/10",
     ] {
         assert!(shipped.lines().any(|l| l == line), "unit lacks {line}");
     }

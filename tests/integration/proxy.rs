@@ -46,9 +46,18 @@ struct Edge {
 
 impl Edge {
     async fn start(routes: Vec<ProxyRoute>, trusted: &[&str]) -> Edge {
+        Self::start_with(routes, trusted, |_| {}).await
+    }
+
+    async fn start_with(
+        routes: Vec<ProxyRoute>,
+        trusted: &[&str],
+        tweak: impl FnOnce(&mut Config),
+    ) -> Edge {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("data")).unwrap();
         let mut cfg = Config::dev();
+        tweak(&mut cfg);
         cfg.proxy = routes;
         cfg.server.trusted_proxies = trusted.iter().map(|s| s.to_string()).collect();
         cfg.validate().unwrap();
@@ -541,6 +550,36 @@ async fn websocket_is_tunnelled_to_the_upstream() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn proxied_websocket_tunnels_are_capped_per_ip() {
+    let (a, _a) = upstream("a", Gates::default()).await;
+    let edge = Edge::start_with(vec![to("/", a)], &[], |c| {
+        c.limits.max_websockets_per_ip = 2;
+    })
+    .await;
+    let url = format!("ws://{}/ws", edge.addr);
+    let (mut one, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (_two, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("third tunnel from one address: {other:?}"),
+    }
+    // Closing a tunnel frees its slot.
+    one.close(None).await.unwrap();
+    while one.next().await.is_some() {}
+    drop(one);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("slot not freed: {e}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -88,6 +88,8 @@ const MAX_ATTEMPTS: u32 = 4;
 impl TwilioClient {
     pub fn new(base: &str, account_sid: &str, auth_token: Secret) -> Result<Self, TwilioError> {
         let http = reqwest::Client::builder()
+            // Our credentials must never follow a redirect to another host.
+            .redirect(crate::ops::outbound::provider_redirects())
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("voicectl/", env!("CARGO_PKG_VERSION")))

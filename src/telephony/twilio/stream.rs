@@ -80,13 +80,30 @@ async fn wait_for_start(stream: &mut WebSocket) -> Option<media::Start> {
     None
 }
 
+/// How long we wait for the peer's own close frame after sending ours.
+const PEER_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 async fn close(ws: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = ws
+    let sent = ws
         .send(Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from_static(reason),
         })))
+        .await
+        .is_ok();
+    if sent {
+        // Read (and drop) until the peer answers our close, briefly: closing the socket with
+        // its frames still unread makes the kernel reset the connection, and a peer that
+        // kept sending would then see 1006 instead of our code.
+        let _ = tokio::time::timeout(PEER_CLOSE_WAIT, async {
+            while let Some(Ok(msg)) = ws.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
         .await;
+    }
     let _ = ws.close().await;
 }
 
