@@ -321,8 +321,12 @@ api_requests_per_second_per_ip = 100000
 calls_per_minute_per_tenant = 1000000
 webhook_requests_per_second_per_ip = 100000
 max_websockets_per_ip = {max}
+# Every call is a webhook connection and a media stream from this one address.
+max_connections_per_ip = {conns}
+max_connections = {conns}
 "#,
             max = n + 100,
+            conns = 3 * n + 200,
         ),
     )
     .map_err(|e| e.to_string())?;

@@ -490,6 +490,7 @@ impl Drop for InFlight {
 }
 
 /// What a connection task needs besides its socket.
+#[derive(Clone)]
 struct ConnCtx {
     gate: Arc<Gate>,
     act: Arc<Activity>,
@@ -664,8 +665,7 @@ async fn accept_loop<H, Fut>(
                     };
                     let io = Counted { io: stream, _admission: admission };
                     let alive = alive.clone();
-                    let close = ctx.close.clone();
-                    let work = handle(io, peer, ConnCtx { gate: ctx.gate.clone(), act: ctx.act.clone(), close });
+                    let work = handle(io, peer, ctx.clone());
                     tokio::spawn(async move {
                         supervise(work, &ctx, peer).await;
                         drop(alive);
@@ -689,5 +689,54 @@ async fn accept_loop<H, Fut>(
         _ = tokio::time::sleep(CLOSE_GRACE) => {
             tracing::warn!(listener = name, "connections still open after the grace period; closing");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_derived_cap_leaves_descriptors_spare() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in derived_max_connections.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        let n = derived_max_connections();
+        assert!(n >= 64);
+        if lim.rlim_cur >= 512 {
+            assert!((n as u64) <= lim.rlim_cur - 256, "{n} of {}", lim.rlim_cur);
+        }
+    }
+
+    #[test]
+    fn caps_count_and_free_and_trusted_proxies_skip_the_per_ip_cap() {
+        let mut cfg = Config::dev();
+        cfg.limits.max_connections = 3;
+        cfg.limits.max_connections_per_ip = 1;
+        cfg.server.trusted_proxies = vec!["10.0.0.1".into()];
+        let metrics = Arc::new(Metrics::new());
+        let gate = Gate::new(&cfg, metrics.clone());
+        let lb: IpAddr = "10.0.0.1".parse().unwrap();
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let a = gate.admit(lb).expect("balancer");
+        let b = gate
+            .admit(lb)
+            .expect("balancer again: exempt from the per-IP cap");
+        let c = gate.admit(client).expect("client");
+        assert!(
+            gate.admit("::ffff:192.0.2.8".parse().unwrap()).is_none(),
+            "global cap"
+        );
+        assert_eq!(metrics.connections_open.get(), 3);
+        drop(a);
+        assert!(gate.admit(client).is_none(), "per-IP cap");
+        assert_eq!(metrics.connections_refused.with(&["global"]).get(), 1);
+        assert_eq!(metrics.connections_refused.with(&["per_ip"]).get(), 1);
+        drop((b, c));
+        assert_eq!(metrics.connections_open.get(), 0);
+        assert!(gate.admit(client).is_some());
     }
 }

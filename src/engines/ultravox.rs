@@ -182,7 +182,7 @@ impl UltravoxClient {
                 .json(&body)
                 .send()
                 .await
-                .map_err(|e| UltravoxError::Transport(e.to_string()))?;
+                .map_err(|e| UltravoxError::Transport(e.without_url().to_string()))?;
             match Self::check(resp).await {
                 Ok(resp) => {
                     let call: CallBody = resp
@@ -223,7 +223,7 @@ impl UltravoxClient {
                 .header("x-api-key", &self.key)
                 .send()
                 .await
-                .map_err(|e| UltravoxError::Transport(e.to_string()))?;
+                .map_err(|e| UltravoxError::Transport(e.without_url().to_string()))?;
             let page: MessagePage = Self::check(resp)
                 .await?
                 .json()

@@ -192,12 +192,12 @@ impl TwilioClient {
                 tokio::time::sleep(backoff(attempt)).await;
                 continue;
             }
-            let resp = result.map_err(|e| TwilioError::Transport(e.to_string()))?;
+            let resp = result.map_err(|e| TwilioError::Transport(e.without_url().to_string()))?;
             let status = resp.status().as_u16();
             let bytes = resp
                 .bytes()
                 .await
-                .map_err(|e| TwilioError::Transport(e.to_string()))?;
+                .map_err(|e| TwilioError::Transport(e.without_url().to_string()))?;
             if (200..300).contains(&status) {
                 return serde_json::from_slice(&bytes)
                     .map_err(|e| TwilioError::Protocol(format!("call resource: {e}")));
