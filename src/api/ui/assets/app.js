@@ -352,6 +352,9 @@ const PAGES = {
           const fresh = await api("GET", `/ui/api/calls/${encodeURIComponent(id)}/timeline`);
           showCall(fresh.call);
           showEvents(fresh.events);
+          // The stream closes at the end of the call, possibly before the last batch of lines
+          // reached it: the stored transcript is the complete one.
+          if (TERMINAL.has(fresh.call.status)) transcript.replaceChildren(...fresh.transcript.map(line));
         } catch {
           /* keep what we show */
         }
