@@ -4,11 +4,16 @@
 
 pub mod breaker;
 pub mod openai;
+pub mod pipeline;
 pub mod scripted;
 pub mod ultravox;
 pub mod ultravox_ws;
 
+use std::sync::Arc;
+
 use serde::Serialize;
+
+use self::breaker::Breakers;
 
 use crate::config::{Config, EngineKind, UltravoxMedium};
 use crate::domain::ids::CallId;
@@ -79,6 +84,10 @@ pub enum EngineEvent {
     Hangup {
         reason: &'static str,
     },
+    /// Pipeline: one caller turn's stage timings.
+    TurnStats(pipeline::TurnStats),
+    /// Pipeline: the providers serving the call (sent again when a fallback changes them).
+    Providers(pipeline::Providers),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +102,7 @@ pub enum Engine {
     Scripted(Box<scripted::ScriptedEngine>),
     OpenAi(Box<openai::RealtimeEngine>),
     UltravoxWs(Box<ultravox_ws::UltravoxWsEngine>),
+    Pipeline(Box<pipeline::PipelineEngine>),
 }
 
 impl Engine {
@@ -102,6 +112,7 @@ impl Engine {
         kind: EngineKind,
         ctx: CallContext,
         cfg: &Config,
+        breakers: &Arc<Breakers>,
     ) -> Result<Engine, EngineError> {
         match kind {
             EngineKind::Scripted => Ok(Engine::Scripted(Box::new(scripted::ScriptedEngine::new(
@@ -116,6 +127,9 @@ impl Engine {
                     ultravox_ws::UltravoxWsEngine::connect(cfg, &ctx).await?,
                 )))
             }
+            EngineKind::Pipeline => Ok(Engine::Pipeline(Box::new(
+                pipeline::PipelineEngine::start(ctx, cfg, breakers.clone()).await?,
+            ))),
             other => Err(EngineError::Unavailable(other)),
         }
     }
@@ -129,6 +143,7 @@ impl Engine {
             }
             Engine::OpenAi(e) => e.stream_started().await,
             Engine::UltravoxWs(e) => e.stream_started().await,
+            Engine::Pipeline(e) => e.stream_started().await,
         }
     }
 
@@ -141,6 +156,7 @@ impl Engine {
             }
             Engine::OpenAi(e) => e.caller_audio(payload_b64).await,
             Engine::UltravoxWs(e) => e.caller_audio(payload_b64).await,
+            Engine::Pipeline(e) => e.caller_audio(payload_b64).await,
         }
     }
 
@@ -156,6 +172,7 @@ impl Engine {
                 e.interrupted(item, played_ms);
                 Ok(())
             }
+            Engine::Pipeline(e) => e.interrupted(item, played_ms).await,
         }
     }
 
@@ -168,6 +185,7 @@ impl Engine {
             }
             Engine::OpenAi(e) => e.say(text).await,
             Engine::UltravoxWs(e) => e.say(text).await,
+            Engine::Pipeline(e) => e.say(text).await,
         }
     }
 
@@ -178,6 +196,7 @@ impl Engine {
             Engine::Scripted(e) => Ok(e.next_event().await),
             Engine::OpenAi(e) => e.next_event().await,
             Engine::UltravoxWs(e) => e.next_event().await,
+            Engine::Pipeline(e) => e.next_event().await,
         }
     }
 
@@ -186,6 +205,7 @@ impl Engine {
             Engine::Scripted(_) => {}
             Engine::OpenAi(e) => e.close().await,
             Engine::UltravoxWs(e) => e.close().await,
+            Engine::Pipeline(e) => e.close().await,
         }
     }
 }

@@ -131,6 +131,10 @@ ALTER TABLE calls ADD COLUMN engine_call_id TEXT;
     r#"
 CREATE INDEX calls_queue ON calls(created_at, id) WHERE status = 'queued';
 "#,
+    // 4: the providers a pipeline call used (JSON {"stt","llm","tts"}).
+    r#"
+ALTER TABLE calls ADD COLUMN providers TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -9,6 +9,7 @@ mod fakes_selftest;
 mod layering;
 mod lifecycle;
 mod ops;
+mod pipeline;
 mod proxy;
 mod serve;
 mod support;

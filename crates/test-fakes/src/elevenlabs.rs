@@ -209,7 +209,8 @@ async fn session(
     let mut ended = false;
     let mut buffered = String::new();
     let mut generation = 0u32;
-    let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
+    // Audio chunks with the characters each speaks (its `alignment`).
+    let mut queue: VecDeque<(Vec<u8>, String)> = VecDeque::new();
     let mut next_send = Instant::now();
     let mut first_audio = true;
     let mut close_at: Option<Instant> = None;
@@ -265,8 +266,8 @@ async fn session(
                     }
                     if !buffered.trim().is_empty() {
                         generation += 1;
-                        let len = (buffered.trim().chars().count() as u64 * opts.ms_per_char * 8) as usize;
-                        buffered.clear();
+                        let chars: Vec<char> = std::mem::take(&mut buffered).chars().collect();
+                        let len = (chars.len() as u64 * opts.ms_per_char * 8) as usize;
                         if queue.is_empty() {
                             let mut lat = opts.latency_ms;
                             if first_audio && let Some(Fault::SlowFirst { ms }) = &fault {
@@ -274,8 +275,11 @@ async fn session(
                             }
                             next_send = Instant::now() + Duration::from_millis(lat);
                         }
-                        for c in agent_mulaw(generation, len).chunks(800) {
-                            queue.push_back(c.to_vec());
+                        let audio = agent_mulaw(generation, len);
+                        let n = audio.chunks(800).count().max(1);
+                        for (i, c) in audio.chunks(800).enumerate() {
+                            let span: String = chars[i * chars.len() / n..(i + 1) * chars.len() / n].iter().collect();
+                            queue.push_back((c.to_vec(), span));
                         }
                     }
                 }
@@ -287,7 +291,7 @@ async fn session(
                 sh.rec.emit(());
             }
             _ = tokio::time::sleep_until(send_due) => {
-                let Some(chunk) = queue.pop_front() else { continue };
+                let Some((chunk, span)) = queue.pop_front() else { continue };
                 if first_audio {
                     first_audio = false;
                     if let Some(Fault::CloseMidStream { after_ms }) = &fault {
@@ -295,7 +299,11 @@ async fn session(
                     }
                 }
                 sh.rec.with(|s| s.sessions[idx].audio.extend_from_slice(&chunk));
-                let msg = json!({"audio": B64.encode(&chunk), "isFinal": null, "normalizedAlignment": null, "alignment": null});
+                let chars: Vec<String> = span.chars().map(String::from).collect();
+                let starts: Vec<u64> = (0..chars.len() as u64).map(|i| i * opts.ms_per_char).collect();
+                let durs = vec![opts.ms_per_char; chars.len()];
+                let alignment = json!({"chars": chars, "charStartTimesMs": starts, "charDurationsMs": durs});
+                let msg = json!({"audio": B64.encode(&chunk), "isFinal": null, "normalizedAlignment": alignment, "alignment": alignment});
                 if socket.send(Message::Text(Utf8Bytes::from(msg.to_string()))).await.is_err() {
                     break None;
                 }
