@@ -244,6 +244,17 @@ async fn a_full_call_keeps_audio_exact_and_both_transcript_sides() {
     }
     // The LLM fake answers after 60 ms: the first token cannot be faster.
     assert!(turns[0]["llm_first_token_ms"].as_f64().unwrap() >= 55.0);
+    let (_, a) = s
+        .api(reqwest::Method::GET, "/api/v1/calls/analytics", None)
+        .await;
+    assert_eq!(
+        a["pipeline_stages_ms"]["llm_first_token_ms"]["count"], 1,
+        "{a}"
+    );
+    assert!(
+        a["pipeline_stages_ms"]["turn_ms"]["p50"].as_f64().is_some(),
+        "{a}"
+    );
     let metrics = s
         .http
         .get(format!("{}/metrics", s.base))
@@ -730,4 +741,69 @@ async fn a_refused_stt_key_fails_the_call_with_a_clear_error() {
         "{call}"
     );
     f.assert_clean().await;
+}
+
+#[tokio::test]
+async fn doctor_checks_each_configured_providers_key_and_names_the_failure() {
+    let f = Fakes::start(
+        DeepgramOpts::default(),
+        ElevenLabsOpts::default(),
+        OpenAiHttpOpts::default(),
+        OpenAiHttpOpts::default(),
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = Config::dev();
+    cfg.server.data_dir = data.path().to_owned();
+    cfg.pipeline = Some(PipelineConfig {
+        llm: vec!["main".into(), "backup".into()],
+        tts: vec!["elevenlabs".into(), "deepgram".into(), "openai".into()],
+        ..Default::default()
+    });
+    cfg.deepgram.stt_url = f.dg.stt_url();
+    cfg.deepgram.api_key = Secret::new(f.dg.opts().api_key.clone());
+    cfg.elevenlabs.api_base_url = f.el.base_url();
+    cfg.elevenlabs.api_key = Secret::new("wrong-key");
+    cfg.openai.api_base_url = f.oa.base_url();
+    cfg.openai.api_key = Secret::new(f.oa.opts().api_key.clone());
+    let llm = |name: &str, url: String, key: &str| LlmConfig {
+        name: name.into(),
+        base_url: url,
+        api_key: Secret::new(key),
+        model: "m".into(),
+        temperature: 0.7,
+    };
+    cfg.llm = vec![
+        llm("main", f.oa.base_url(), &f.oa.opts().api_key.clone()),
+        llm("backup", f.backup.base_url(), "bad"),
+    ];
+    let checks = voicectl::ops::doctor::check_pipeline(&cfg).await;
+    let got: Vec<(String, String)> = checks
+        .iter()
+        .map(|c| (c.level.as_str().to_owned(), c.detail.clone()))
+        .collect();
+    let want = [
+        ("OK", "deepgram: key accepted"),
+        ("FAIL", "elevenlabs: key refused (HTTP 401)"),
+        ("OK", "openai: key accepted"),
+        ("OK", "main: key accepted"),
+        ("FAIL", "backup: key refused (HTTP 401)"),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((g.0.as_str(), g.1.as_str()), w);
+    }
+    assert!(
+        checks[1]
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("elevenlabs.api_key")
+    );
+    // No pipeline, no provider checks.
+    assert!(
+        voicectl::ops::doctor::check_pipeline(&Config::dev())
+            .await
+            .is_empty()
+    );
 }

@@ -174,6 +174,7 @@ impl FakeDeepgram {
         let router = Router::new()
             .route("/v1/listen", get(listen))
             .route("/v1/speak", get(speak))
+            .route("/v1/projects", get(projects))
             .with_state(shared.clone());
         let (listener, _) = super::bind().await;
         let guard = super::serve(listener, router, token);
@@ -226,6 +227,18 @@ fn check_auth(sh: &Shared, headers: &HeaderMap, path: &str) -> Result<(), Box<Re
         )
             .into_response(),
     ))
+}
+
+/// `GET /v1/projects`: the cheap authenticated request a key check makes.
+async fn projects(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_auth(&sh, &headers, "/v1/projects") {
+        return *r;
+    }
+    (
+        [("content-type", "application/json")],
+        json!({"projects": [{"project_id": "fake", "name": "fake"}]}).to_string(),
+    )
+        .into_response()
 }
 
 async fn listen(

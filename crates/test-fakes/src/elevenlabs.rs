@@ -103,6 +103,7 @@ impl FakeElevenLabs {
         });
         let router = Router::new()
             .route("/v1/text-to-speech/{voice}/stream-input", get(upgrade))
+            .route("/v1/user", get(user))
             .with_state(shared.clone());
         let (listener, _) = super::bind().await;
         let guard = super::serve(listener, router, token);
@@ -130,6 +131,26 @@ impl FakeElevenLabs {
     ) -> T {
         self.shared.rec.wait_until(what, timeout, f).await
     }
+}
+
+/// `GET /v1/user`: the cheap authenticated request a key check makes.
+async fn user(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let ok = headers
+        .get("xi-api-key")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == sh.opts.api_key);
+    if !ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            json!({"detail": {"status": "invalid_api_key"}}).to_string(),
+        )
+            .into_response();
+    }
+    (
+        [("content-type", "application/json")],
+        json!({"subscription": {"tier": "fake"}}).to_string(),
+    )
+        .into_response()
 }
 
 async fn upgrade(
