@@ -544,12 +544,15 @@ fn results(
 ) -> Value {
     let start = u.start_ms as f64 / 1000.0;
     let dur = now_ms.saturating_sub(u.start_ms) as f64 / 1000.0;
+    // Word timings spread evenly over the speech heard so far: the last word ends where the
+    // speech (as the VAD saw it) ends.
+    let each = dur / words.max(1) as f64;
     let ws: Vec<Value> = u.words[..words]
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            json!({"word": w.to_lowercase(), "punctuated_word": w, "start": start + i as f64 * 0.25,
-                   "end": start + (i + 1) as f64 * 0.25, "confidence": 0.97})
+            json!({"word": w.to_lowercase(), "punctuated_word": w, "start": start + i as f64 * each,
+                   "end": start + (i + 1) as f64 * each, "confidence": 0.97})
         })
         .collect();
     json!({

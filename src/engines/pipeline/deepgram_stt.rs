@@ -20,9 +20,11 @@ pub enum SttEvent {
     Interim {
         words: usize,
     },
+    /// `end_s`: where the last word ended, in seconds of the audio sent on this socket.
     Final {
         text: String,
         speech_final: bool,
+        end_s: Option<f64>,
     },
     UtteranceEnd,
     /// The socket is gone (idle timeout, provider restart, network): reopen it.
@@ -148,9 +150,13 @@ pub fn parse(text: &str) -> SttEvent {
                 .trim()
                 .to_owned();
             if m.is_final {
+                let end_s = m.channel.as_ref().and_then(|c| {
+                    c["alternatives"][0]["words"].as_array()?.last()?["end"].as_f64()
+                });
                 SttEvent::Final {
                     text: transcript,
                     speech_final: m.speech_final,
+                    end_s,
                 }
             } else {
                 SttEvent::Interim {
@@ -168,12 +174,13 @@ mod tests {
 
     #[test]
     fn parses_the_messages_the_engine_uses() {
-        let r = r#"{"type":"Results","channel_index":[0,1],"is_final":true,"speech_final":true,"channel":{"alternatives":[{"transcript":" Hello there ","confidence":0.9}]}}"#;
+        let r = r#"{"type":"Results","channel_index":[0,1],"is_final":true,"speech_final":true,"channel":{"alternatives":[{"transcript":" Hello there ","confidence":0.9,"words":[{"word":"hello","start":1.0,"end":1.4},{"word":"there","start":1.4,"end":1.9}]}]}}"#;
         assert_eq!(
             parse(r),
             SttEvent::Final {
                 text: "Hello there".into(),
-                speech_final: true
+                speech_final: true,
+                end_s: Some(1.9),
             }
         );
         let i = r#"{"type":"Results","is_final":false,"speech_final":false,"channel":{"alternatives":[{"transcript":"one two three"}]}}"#;

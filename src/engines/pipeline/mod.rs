@@ -70,6 +70,9 @@ pub struct TurnStats {
     pub tts_first_audio_ms: Option<f64>,
     /// Caller stopped speaking → first agent audio sent.
     pub turn_ms: f64,
+    /// voicectl's own share of `turn_ms`: everything but waiting on a provider (endpointing,
+    /// the LLM's text up to the first piece spoken, the TTS's first audio).
+    pub own_ms: f64,
     #[serde(skip)]
     pub stt: &'static str,
     #[serde(skip)]
@@ -269,6 +272,7 @@ impl PipelineEngine {
             cmd: cmd_rx,
             stt: Some(stt),
             last_stt_send: now,
+            stt_audio_bytes: 0,
             tts: Some(tts),
             tts_idx,
             tts_failures: failures,
@@ -424,6 +428,8 @@ struct Reply {
     llm_started: Instant,
     llm_deadline: Option<Instant>,
     llm_first_ms: Option<f64>,
+    /// When the LLM's text first made a piece worth speaking.
+    first_piece_at: Option<Instant>,
     llm_failures: Vec<String>,
     llm_done: bool,
     pending: String,
@@ -510,6 +516,9 @@ struct Actor {
     cmd: mpsc::Receiver<Cmd>,
     stt: Option<DeepgramStt>,
     last_stt_send: Instant,
+    /// Audio sent on the current STT socket, in bytes (8 per ms): Deepgram's word times are
+    /// on this timeline, which is how a turn's end is placed on the clock.
+    stt_audio_bytes: u64,
     tts: Option<TtsConn>,
     tts_idx: usize,
     tts_failures: Vec<String>,
@@ -680,6 +689,7 @@ impl Actor {
         match c {
             Cmd::Audio(b) => {
                 self.last_stt_send = Instant::now();
+                self.stt_audio_bytes += b.len() as u64;
                 if let Some(s) = self.stt.as_mut()
                     && let Err(e) = s.send_audio(b).await
                 {
@@ -732,11 +742,25 @@ impl Actor {
                 self.caller.words = self.caller.final_words + words;
                 self.maybe_barge_in().await;
             }
-            SttEvent::Final { text, speech_final } => {
+            SttEvent::Final {
+                text,
+                speech_final,
+                end_s,
+            } => {
                 if !text.is_empty() {
                     self.caller.final_words += text.split_whitespace().count();
                     self.caller.words = self.caller.final_words;
-                    self.caller.last_words_at.get_or_insert(now);
+                    // The audio after the last word was sent in real time: that long ago
+                    // the caller stopped speaking.
+                    let sent_ms = self.stt_audio_bytes / 8;
+                    let spoken_end = end_s
+                        .map(|e| (e * 1000.0) as u64)
+                        .filter(|&e| e <= sent_ms)
+                        .and_then(|e| {
+                            now.checked_sub(Duration::from_millis((sent_ms - e).min(10_000)))
+                        });
+                    self.caller.last_words_at =
+                        spoken_end.or(self.caller.last_words_at).or(Some(now));
                     self.caller.finals.push(text);
                     self.maybe_barge_in().await;
                 }
@@ -752,6 +776,7 @@ impl Actor {
                     Ok(s) => {
                         self.stt = Some(s);
                         self.last_stt_send = Instant::now();
+                        self.stt_audio_bytes = 0;
                     }
                     Err(e) => self.fatal = Some(e),
                 }
@@ -899,6 +924,7 @@ impl Actor {
             llm_started: now,
             llm_deadline: None,
             llm_first_ms: None,
+            first_piece_at: None,
             llm_failures: Vec::new(),
             llm_done: kind != Kind::Turn,
             pending: String::new(),
@@ -996,6 +1022,9 @@ impl Actor {
                     self.breakers.provider_success(&name);
                 }
                 r.pending.push_str(&t);
+                if r.first_piece_at.is_none() && text::has_piece(&r.pending) {
+                    r.first_piece_at = Some(Instant::now());
+                }
                 while let Some(piece) = self
                     .reply
                     .as_mut()
@@ -1015,6 +1044,7 @@ impl Actor {
                 r.llm = None;
                 r.llm_done = true;
                 r.llm_deadline = None;
+                r.first_piece_at.get_or_insert_with(Instant::now);
                 let rest = std::mem::take(&mut r.pending);
                 let nothing = r.sent.is_empty() && rest.trim().is_empty();
                 if nothing {
@@ -1264,11 +1294,17 @@ impl Actor {
                             .provider_success(&format!("tts:{}", k.as_str()));
                     }
                     if r.kind == Kind::Turn {
+                        let turn_ms = ms(now.duration_since(r.t0));
+                        let llm_wait = r
+                            .first_piece_at
+                            .map_or(0.0, |p| ms(p.saturating_duration_since(r.llm_started)));
+                        let tts_wait = r.tts_first_ms.unwrap_or(0.0);
                         let stats = TurnStats {
+                            own_ms: (turn_ms - r.stt_final_ms - llm_wait - tts_wait).max(0.0),
                             stt_final_ms: r.stt_final_ms,
                             llm_first_token_ms: r.llm_first_ms,
                             tts_first_audio_ms: r.tts_first_ms,
-                            turn_ms: ms(now.duration_since(r.t0)),
+                            turn_ms,
                             stt: "deepgram",
                             llm: self
                                 .s

@@ -6,6 +6,12 @@
 /// A clause (cut at `,;:`) is spoken on its own once it is at least this long.
 const MIN_CLAUSE_CHARS: usize = 40;
 
+/// Whether `buf` holds a complete piece.
+pub fn has_piece(buf: &str) -> bool {
+    let mut b = buf.to_owned();
+    next_piece(&mut b).is_some()
+}
+
 /// Takes the next complete piece off the front of `buf`, if there is one.
 pub fn next_piece(buf: &mut String) -> Option<String> {
     let bytes = buf.as_bytes();
