@@ -206,6 +206,7 @@ async fn run(n: usize, turns: usize) {
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs() - cpu0;
     let (mut own, mut turn, mut call_secs, mut completed) = (Vec::new(), Vec::new(), 0.0, 0);
+    let (mut stt, mut llm_first, mut tts) = (Vec::new(), Vec::new(), Vec::new());
     for id in &ids {
         let v: Value = http
             .get(format!("{base}/api/v1/calls/{id}"))
@@ -223,6 +224,9 @@ async fn run(n: usize, turns: usize) {
         for t in v["latency"]["turns"].as_array().into_iter().flatten() {
             own.extend(t["own_ms"].as_f64());
             turn.extend(t["turn_ms"].as_f64());
+            stt.extend(t["stt_final_ms"].as_f64());
+            llm_first.extend(t["llm_first_token_ms"].as_f64());
+            tts.extend(t["tts_first_audio_ms"].as_f64());
         }
     }
     println!(
@@ -241,6 +245,27 @@ async fn run(n: usize, turns: usize) {
         "  whole turn (incl. providers): p50 {:.0} ms, p99 {:.0} ms",
         pct(&mut turn, 0.5),
         pct(&mut turn, 0.99)
+    );
+    for (name, v) in [
+        ("stt_final_ms", &mut stt),
+        ("llm_first_token_ms", &mut llm_first),
+        ("tts_first_audio_ms", &mut tts),
+    ] {
+        println!(
+            "    {name}: p50 {:.0} ms, p99 {:.0} ms",
+            pct(v, 0.5),
+            pct(v, 0.99)
+        );
+    }
+    // The fakes' own floor for a turn: 300 ms endpointing (plus up to one 20 ms frame), the
+    // LLM's first token at 250 ms and its reply ("Reply number N.", 7 SSE frames 25 ms apart,
+    // spoken as one piece at [DONE]), ElevenLabs' 150 ms to first audio.
+    let floor = 300.0 + 250.0 + 6.0 * 25.0 + 150.0;
+    let mut excess: Vec<f64> = turn.iter().map(|t| t - floor).collect();
+    println!(
+        "  turn minus the providers' floor ({floor:.0} ms; our work plus queueing on the shared core): p50 {:.0} ms, p99 {:.0} ms",
+        pct(&mut excess, 0.5),
+        pct(&mut excess, 0.99)
     );
     println!(
         "  CPU {cpu:.1} s for {call_secs:.0} call-seconds: {:.2} ms CPU per call-second (server + simulator + fakes)",

@@ -807,3 +807,93 @@ async fn doctor_checks_each_configured_providers_key_and_names_the_failure() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn garbage_from_providers_is_survived_or_failed_over() {
+    let f = Fakes::start(
+        DeepgramOpts {
+            utterances: vec!["Can you hear me".into()],
+            // A non-JSON frame first: skipped, the socket keeps working.
+            fault: FaultPlan::always(Fault::Garbage),
+            ..Default::default()
+        },
+        ElevenLabsOpts {
+            fault: FaultPlan::always(Fault::Garbage),
+            ..Default::default()
+        },
+        OpenAiHttpOpts {
+            chat_fault: FaultPlan::always(Fault::Garbage),
+            ..Default::default()
+        },
+        OpenAiHttpOpts {
+            api_key: "backup-key".into(),
+            replies: vec!["Loud and clear.".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let s = pipeline_stack(&f, data.path(), |c| {
+        if let Some(p) = c.pipeline.as_mut() {
+            p.llm = vec!["main".into(), "backup".into()];
+            p.tts = vec!["elevenlabs".into(), "deepgram".into()];
+        }
+    })
+    .await;
+    let (id, ev) = run(&s, "+14155550914", conversation(), 20).await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed");
+    f.assert_clean().await;
+    let t = s.transcript(&id).await;
+    assert_eq!(lines(&t, "caller"), vec!["Can you hear me"]);
+    assert!(
+        lines(&t, "agent").iter().any(|l| l == "Loud and clear."),
+        "{t:?}"
+    );
+    let call = s.get(&id).await;
+    assert_eq!(
+        call["providers"],
+        json!({"stt": "deepgram", "llm": "backup", "tts": "deepgram"})
+    );
+    // ElevenLabs never produced audio that reached the phone.
+    assert!(f.el.state().sessions.iter().all(|s| s.audio.is_empty()));
+}
+
+#[tokio::test]
+async fn a_tts_socket_closed_mid_utterance_is_not_switched_and_reopens_for_the_next() {
+    let f = Fakes::start(
+        DeepgramOpts {
+            utterances: vec!["Hello".into()],
+            // The first Aura socket closes 100 ms into the greeting's audio.
+            tts_fault: FaultPlan::first(Fault::CloseMidStream { after_ms: 100 }, 1),
+            ..Default::default()
+        },
+        ElevenLabsOpts::default(),
+        OpenAiHttpOpts {
+            replies: vec!["Hi again.".into()],
+            ..Default::default()
+        },
+        OpenAiHttpOpts::default(),
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let s = pipeline_stack(&f, data.path(), |c| {
+        if let Some(p) = c.pipeline.as_mut() {
+            p.tts = vec!["deepgram".into(), "elevenlabs".into()];
+        }
+    })
+    .await;
+    let (id, ev) = run(&s, "+14155550915", conversation(), 20).await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed");
+    let rec = sim_record(&s, &id).await;
+    f.assert_clean().await;
+    // Never switched to ElevenLabs: the cut greeting stayed cut, the reply came from a new
+    // Aura socket.
+    assert!(f.el.state().sessions.iter().all(|s| s.texts.is_empty()));
+    let aura = f.dg.state().aura.clone();
+    assert!(aura.len() >= 2, "{}", aura.len());
+    assert_eq!(aura[1].spoken, vec!["Hi again."]);
+    let all: Vec<u8> = aura.iter().flat_map(|a| a.audio.clone()).collect();
+    assert_eq!(rec.stream().unwrap().agent_audio, all);
+    let t = s.transcript(&id).await;
+    assert!(lines(&t, "agent").iter().any(|l| l == "Hi again."));
+}

@@ -457,12 +457,17 @@ struct Spoken {
     cut_at: Option<Instant>,
     /// Our own estimate of what played by the cut, if the bridge reports nothing.
     est_played: u64,
+    /// The TTS stopped part-way: only the text of the audio that came was said.
+    truncated: bool,
 }
 
 impl Spoken {
     /// Segment texts carry their own spacing (ElevenLabs' alignment cuts mid-word), so
     /// they are joined as they are.
     fn full_text(&self) -> String {
+        if self.truncated {
+            return self.played_text(self.audio);
+        }
         let mut t: String = self.segments.iter().map(|(_, s)| s.as_str()).collect();
         if !self.open_text.trim().is_empty() && self.audio > self.segments.last().map_or(0, |s| s.0)
         {
@@ -1211,6 +1216,9 @@ impl Actor {
                     .provider_failure(&format!("tts:{}", k.as_str()));
             }
             self.drop_tts_and_reopen();
+            if let Some(r) = self.reply.as_mut() {
+                r.spoken.truncated = true;
+            }
             self.complete_reply().await;
             return;
         }
