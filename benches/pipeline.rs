@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench pipeline                       # 200 calls, 3 turns each
-//! PIPELINE_CALLS=50 PIPELINE_TURNS=2 cargo bench --bench pipeline
+//! PIPELINE_CALLS=50 PIPELINE_TURNS=2 PIPELINE_STAGGER_MS=0 cargo bench --bench pipeline
 //! ```
 //!
 //! Reports voicectl's own share of each turn's latency (`latency.turns[].own_ms`: the turn
@@ -72,14 +72,17 @@ fn main() {
     // cargo passes `--bench`; nothing else is taken from the command line.
     let calls = env("PIPELINE_CALLS", 200);
     let turns = env("PIPELINE_TURNS", 3);
+    // Calls start this far apart so their turns do not all fall on the same instant (real
+    // callers are not synchronized); 0 makes every turn of every call a burst.
+    let stagger = env("PIPELINE_STAGGER_MS", 25) as u64;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(calls, turns));
+    rt.block_on(run(calls, turns, stagger));
 }
 
-async fn run(n: usize, turns: usize) {
+async fn run(n: usize, turns: usize, stagger: u64) {
     let dg = FakeDeepgram::start(DeepgramOpts::default()).await;
     let el = FakeElevenLabs::start(ElevenLabsOpts {
         latency_ms: 150,
@@ -191,6 +194,7 @@ async fn run(n: usize, turns: usize) {
             .expect("POST /calls");
         let v: Value = r.json().await.expect("json");
         ids.push(v["id"].as_str().expect("id").to_owned());
+        tokio::time::sleep(Duration::from_millis(stagger)).await;
     }
     // Peak memory while all calls are live, sampled until they end.
     let mut peak = rss0;
@@ -230,7 +234,7 @@ async fn run(n: usize, turns: usize) {
         }
     }
     println!(
-        "pipeline bench: {n} concurrent calls × {turns} turns, one core (current-thread runtime)"
+        "pipeline bench: {n} concurrent calls × {turns} turns, one core (current-thread runtime), starts {stagger} ms apart"
     );
     println!(
         "  completed {completed}/{n}, turns measured {}, wall {wall:.1} s",
