@@ -185,9 +185,21 @@ async fn a_full_call_keeps_audio_exact_and_both_transcript_sides() {
     let rec = sim_record(&s, &id).await;
     f.assert_clean().await;
     let stream = rec.stream().unwrap();
+    // No session, bridge or engine task left behind.
+    for _ in 0..50 {
+        if s.manager.session_count() == 0 && s.manager.bridged_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        (s.manager.session_count(), s.manager.bridged_count()),
+        (0, 0)
+    );
 
-    // Caller → Deepgram: every byte as the phone sent it.
+    // Caller → Deepgram: every byte as the phone sent it; the stream was closed properly.
     let stt = f.dg.state().stt[0].clone();
+    assert!(stt.close_stream, "CloseStream sent at the end");
     assert_eq!(stt.query["encoding"], "mulaw");
     assert!(!stt.audio.is_empty());
     assert!(stt.audio.len() + 160 * 5 >= stream.caller_audio.len());
@@ -896,4 +908,110 @@ async fn a_tts_socket_closed_mid_utterance_is_not_switched_and_reopens_for_the_n
     assert_eq!(rec.stream().unwrap().agent_audio, all);
     let t = s.transcript(&id).await;
     assert!(lines(&t, "agent").iter().any(|l| l == "Hi again."));
+}
+
+/// The Deepgram fake itself: what voicectl's tests rely on it to check and to say.
+#[tokio::test]
+async fn the_deepgram_fake_speaks_the_live_protocol_and_flags_deviations() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dg = FakeDeepgram::start(DeepgramOpts {
+        utterances: vec!["one two three".into()],
+        idle_ms: 400,
+        ..Default::default()
+    })
+    .await;
+    let connect = |q: &str| {
+        let mut req = format!("{}?{q}", dg.stt_url())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", "Token dg-fake-key".parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    // Missing parameters are recorded as violations.
+    let (mut bad, _) = connect("model=nova-3").await.unwrap();
+    bad.send(Message::Text(r#"{"type":"KeepAlive"}"#.into()))
+        .await
+        .unwrap();
+    dg.wait_until("keepalive", T, |s| {
+        (s.stt.first()?.keepalives == 1).then_some(())
+    })
+    .await;
+    assert!(
+        dg.state().stt[0]
+            .violations
+            .iter()
+            .any(|v| v.contains("encoding"))
+    );
+    drop(bad);
+    let q = "model=nova-3&encoding=mulaw&sample_rate=8000&channels=1&interim_results=true&endpointing=300&utterance_end_ms=1000&vad_events=true";
+    let (mut ws, _) = connect(q).await.unwrap();
+    // 1 s of loud tone, then 1.4 s of silence, in 20 ms frames.
+    let loud = test_fakes::caller_speech_mulaw(1000);
+    for c in loud
+        .chunks(160)
+        .chain(std::iter::repeat_n(&[0xFFu8; 160][..], 70))
+    {
+        ws.send(Message::Binary(c.to_vec().into())).await.unwrap();
+    }
+    let mut types = Vec::new();
+    let mut final_text = None;
+    while let Some(Ok(Message::Text(t))) = ws.next().await {
+        let v: Value = serde_json::from_str(&t).unwrap();
+        let kind = v["type"].as_str().unwrap().to_owned();
+        if kind == "Results" && v["speech_final"] == true {
+            final_text = v["channel"]["alternatives"][0]["transcript"]
+                .as_str()
+                .map(str::to_owned);
+            types.push("speech_final".to_owned());
+        } else {
+            types.push(kind.clone());
+        }
+        if kind == "UtteranceEnd" {
+            break;
+        }
+    }
+    assert_eq!(
+        types.first().map(String::as_str),
+        Some("SpeechStarted"),
+        "{types:?}"
+    );
+    assert!(
+        types.iter().filter(|t| *t == "Results").count() >= 2,
+        "interims: {types:?}"
+    );
+    assert_eq!(final_text.as_deref(), Some("one two three"));
+    assert!(
+        types.iter().position(|t| t == "speech_final")
+            < types.iter().position(|t| t == "UtteranceEnd")
+    );
+    // CloseStream: Metadata, then the server closes.
+    ws.send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
+        .await
+        .unwrap();
+    let mut saw_metadata = false;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m {
+            saw_metadata |= t.contains("Metadata");
+        }
+    }
+    assert!(saw_metadata);
+    // Silence on a socket (no audio, no KeepAlive) closes it with 1011 after idle_ms.
+    let (mut idle, _) = connect(q).await.unwrap();
+    let close = loop {
+        match idle.next().await {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => {}
+            _ => break None,
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1011));
+    assert!(
+        dg.state()
+            .stt
+            .iter()
+            .all(|s| s.violations.is_empty() || s.query.len() == 1)
+    );
 }
