@@ -240,7 +240,6 @@ pub struct PipelineEngine {
     cmd: mpsc::Sender<Cmd>,
     events: mpsc::Receiver<Out>,
     task: Option<JoinHandle<()>>,
-    decode: Vec<u8>,
 }
 
 impl PipelineEngine {
@@ -296,7 +295,6 @@ impl PipelineEngine {
             cmd: cmd_tx,
             events: out_rx,
             task: Some(task),
-            decode: Vec::with_capacity(crate::audio::MULAW_FRAME_BYTES),
         })
     }
 
@@ -312,17 +310,19 @@ impl PipelineEngine {
     }
 
     pub async fn caller_audio(&mut self, payload_b64: &str) -> Result<(), EngineError> {
-        self.decode.clear();
+        // Decoded straight into the buffer that becomes Deepgram's binary frame: the one
+        // allocation per frame is the outgoing message.
+        let mut frame = Vec::with_capacity(payload_b64.len() / 4 * 3);
         if base64::engine::general_purpose::STANDARD
-            .decode_vec(payload_b64, &mut self.decode)
+            .decode_vec(payload_b64, &mut frame)
             .is_err()
-            || self.decode.is_empty()
+            || frame.is_empty()
         {
             return Ok(());
         }
         // Never wait on the actor: a frame it cannot take now is dropped (it would be stale
         // by the time it could).
-        match self.cmd.try_send(Cmd::Audio(self.decode.clone())) {
+        match self.cmd.try_send(Cmd::Audio(frame)) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 Err(EngineError::Failed("pipeline engine stopped".into()))
@@ -881,6 +881,11 @@ impl Actor {
 
     async fn end_of_turn(&mut self) {
         if self.caller.finals.is_empty() {
+            // Speech without words (noise, a cough): the caller is quiet again, or the
+            // silence governor would wait for them forever.
+            if std::mem::take(&mut self.caller).announced && !self.agent_active() {
+                self.emit(EngineEvent::CallerSpeechStopped).await;
+            }
             return;
         }
         let c = std::mem::take(&mut self.caller);
