@@ -186,6 +186,12 @@ impl Shared {
                     },
                     None => config.agent.engine,
                 };
+                if engine == EngineKind::Pipeline && config.pipeline.is_none() {
+                    return Ok(Err(CallError::invalid(
+                        "engine",
+                        "engine \"pipeline\" is not configured on this server (no [pipeline] section)",
+                    )));
+                }
                 if !breakers.admit(engine) {
                     return Ok(Err(CallError::EngineUnavailable(engine)));
                 }

@@ -91,7 +91,7 @@ impl Shared {
                     .map_err(|e| EngineError::Failed(e.to_string()))?,
             };
             let started = std::time::Instant::now();
-            let r = Engine::start(setup.kind, setup.ctx, &me.config()).await;
+            let r = Engine::start(setup.kind, setup.ctx, &me.config(), &me.breakers).await;
             tracing::debug!(call_id = %cid, ms = started.elapsed().as_millis() as u64, ok = r.is_ok(), "engine pre-warmed");
             r
         });
@@ -105,9 +105,11 @@ impl Shared {
         let result = match pre {
             Some(h) => match h.await {
                 Ok(r) => r,
-                Err(_) => Engine::start(setup.kind, setup.ctx, &self.config()).await,
+                Err(_) => {
+                    Engine::start(setup.kind, setup.ctx, &self.config(), &self.breakers).await
+                }
             },
-            None => Engine::start(setup.kind, setup.ctx, &self.config()).await,
+            None => Engine::start(setup.kind, setup.ctx, &self.config(), &self.breakers).await,
         };
         match &result {
             Ok(_) => self.breakers.success(setup.kind),

@@ -4,8 +4,13 @@
 //! resolve secrets (`<key>_file`, then `VOICECTL_<SECTION>_<KEY>` which wins), validate.
 
 mod duration;
+mod pipeline;
 
 pub use duration::HumanDuration;
+pub use pipeline::{
+    DeepgramConfig, ElevenLabsConfig, LlmConfig, OPENAI_API_BASE, PipelineConfig, STT_PROVIDERS,
+    TTS_PROVIDERS,
+};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +51,11 @@ pub struct Config {
     pub ultravox: UltravoxConfig,
     pub limits: LimitsConfig,
     pub proxy: Vec<ProxyRoute>,
+    /// `engine = "pipeline"` (SPEC §6); absent means no pipeline is configured.
+    pub pipeline: Option<PipelineConfig>,
+    pub deepgram: DeepgramConfig,
+    pub elevenlabs: ElevenLabsConfig,
+    pub llm: Vec<LlmConfig>,
     /// Where the file came from; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -221,6 +231,10 @@ pub struct OpenAiConfig {
     pub beta_protocol: bool,
     /// Input transcription model for caller lines ("" turns caller transcripts off).
     pub transcription_model: String,
+    /// Chat completions, speech and analysis (the pipeline engine).
+    pub api_base_url: String,
+    /// The pipeline's `openai` voice; the voice is the call's (`agent.voice`).
+    pub tts_model: String,
 }
 
 impl Default for OpenAiConfig {
@@ -232,6 +246,8 @@ impl Default for OpenAiConfig {
             model: "gpt-realtime".into(),
             beta_protocol: false,
             transcription_model: "whisper-1".into(),
+            api_base_url: OPENAI_API_BASE.into(),
+            tts_model: "gpt-4o-mini-tts".into(),
         }
     }
 }
@@ -465,7 +481,7 @@ impl Config {
 
     fn resolve_secrets(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let path = self.source.clone().unwrap_or_default();
-        let slots: [(&str, &str, &mut Secret, &Option<PathBuf>); 3] = [
+        let slots: [(&str, &str, &mut Secret, &Option<PathBuf>); 5] = [
             (
                 "twilio",
                 "auth_token",
@@ -483,6 +499,18 @@ impl Config {
                 "api_key",
                 &mut self.ultravox.api_key,
                 &self.ultravox.api_key_file,
+            ),
+            (
+                "deepgram",
+                "api_key",
+                &mut self.deepgram.api_key,
+                &self.deepgram.api_key_file,
+            ),
+            (
+                "elevenlabs",
+                "api_key",
+                &mut self.elevenlabs.api_key,
+                &self.elevenlabs.api_key_file,
             ),
         ];
         for (section, key, slot, file) in slots {
@@ -517,6 +545,12 @@ impl Config {
             let var = format!("VOICECTL_{}_{}", section.to_uppercase(), key.to_uppercase());
             if let Some(v) = env(&var) {
                 *slot = v;
+            }
+        }
+        // An `[[llm]]` on OpenAI's own API shares `openai.api_key` unless it has its own.
+        for l in &mut self.llm {
+            if l.api_key.is_empty() && l.base_url.trim_end_matches('/') == OPENAI_API_BASE {
+                l.api_key = self.openai.api_key.clone();
             }
         }
         Ok(())
@@ -643,6 +677,7 @@ impl Config {
         }
         check_url(&self.openai.realtime_url, &["ws", "wss"])
             .map_err(|r| bad("openai.realtime_url", r))?;
+        self.validate_pipeline().map_err(|(k, r)| bad(&k, r))?;
         if !self.twilio.from_number.is_empty() {
             E164::parse(&self.twilio.from_number)
                 .map_err(|e| bad("twilio.from_number", e.to_string()))?;
@@ -751,6 +786,73 @@ impl Config {
             {
                 return Err(bad(&key("host"), format!("{h:?} is not a host name")));
             }
+        }
+        Ok(())
+    }
+
+    /// The pipeline's sections: URLs, `[[llm]]` names, the provider lists.
+    fn validate_pipeline(&self) -> Result<(), (String, String)> {
+        let url = |key: &str, u: &str, schemes: &[&str]| {
+            check_url(u, schemes).map_err(|r| (key.to_owned(), r))
+        };
+        url(
+            "openai.api_base_url",
+            &self.openai.api_base_url,
+            &["http", "https"],
+        )?;
+        url("deepgram.stt_url", &self.deepgram.stt_url, &["ws", "wss"])?;
+        url("deepgram.tts_url", &self.deepgram.tts_url, &["ws", "wss"])?;
+        url(
+            "elevenlabs.api_base_url",
+            &self.elevenlabs.api_base_url,
+            &["ws", "wss"],
+        )?;
+        if !(10..=10_000).contains(&self.deepgram.endpointing_ms) {
+            return Err((
+                "deepgram.endpointing_ms".into(),
+                "must be between 10 and 10000".into(),
+            ));
+        }
+        if !(1000..=5000).contains(&self.deepgram.utterance_end_ms) {
+            return Err((
+                "deepgram.utterance_end_ms".into(),
+                "must be between 1000 and 5000 (Deepgram sends interims about once a second)"
+                    .into(),
+            ));
+        }
+        for (i, l) in self.llm.iter().enumerate() {
+            let key = |k: &str| format!("llm[{i}].{k}");
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err((
+                    key("name"),
+                    format!("{:?} must be letters, digits, - _ .", l.name),
+                ));
+            }
+            if self.llm[..i].iter().any(|o| o.name == l.name) {
+                return Err((key("name"), format!("{:?} is used twice", l.name)));
+            }
+            url(&key("base_url"), &l.base_url, &["http", "https"])?;
+            if l.model.is_empty() {
+                return Err((key("model"), "must not be empty".into()));
+            }
+            if !(0.0..=2.0).contains(&l.temperature) {
+                return Err((key("temperature"), "must be between 0 and 2".into()));
+            }
+        }
+        match &self.pipeline {
+            Some(p) => p.check(&self.llm)?,
+            None if self.agent.engine == EngineKind::Pipeline => {
+                return Err((
+                    "agent.engine".into(),
+                    "\"pipeline\" needs a [pipeline] section (SPEC §6)".into(),
+                ));
+            }
+            None => {}
         }
         Ok(())
     }

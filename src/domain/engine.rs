@@ -10,16 +10,25 @@ pub enum EngineKind {
     Ultravox,
     #[serde(rename = "scripted")]
     Scripted,
+    /// Speech-to-text → LLM → text-to-speech, each from configured providers (SPEC §6).
+    #[serde(rename = "pipeline")]
+    Pipeline,
 }
 
 impl EngineKind {
-    pub const ALL: [EngineKind; 3] = [Self::OpenAiRealtime, Self::Ultravox, Self::Scripted];
+    pub const ALL: [EngineKind; 4] = [
+        Self::OpenAiRealtime,
+        Self::Ultravox,
+        Self::Scripted,
+        Self::Pipeline,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAiRealtime => "openai-realtime",
             Self::Ultravox => "ultravox",
             Self::Scripted => "scripted",
+            Self::Pipeline => "pipeline",
         }
     }
 

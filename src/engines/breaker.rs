@@ -33,6 +33,34 @@ struct Entry {
 #[derive(Default)]
 pub struct Breakers {
     inner: Mutex<HashMap<EngineKind, Entry>>,
+    /// The pipeline's providers, per slot and name (`stt:deepgram`, `llm:groq`, …): the same
+    /// rule, so a dead provider is skipped at once for the next in its list.
+    providers: Mutex<HashMap<String, Entry>>,
+}
+
+impl Entry {
+    fn admit(&mut self) -> bool {
+        match self.opened_at {
+            None => true,
+            Some(t) if t.elapsed() >= COOL_DOWN && !self.probing => {
+                self.probing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Returns true when this failure opened the breaker.
+    fn fail(&mut self) -> bool {
+        self.failures += 1;
+        self.probing = false;
+        if self.failures >= THRESHOLD || self.opened_at.is_some() {
+            let opened = self.opened_at.is_none();
+            self.opened_at = Some(Instant::now());
+            return opened;
+        }
+        false
+    }
 }
 
 impl Breakers {
@@ -71,6 +99,30 @@ impl Breakers {
         })
     }
 
+    fn provider<R>(&self, name: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
+        // Plain field updates; a poisoned lock still holds consistent counters.
+        let mut map = self.providers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(name) {
+            return f(e);
+        }
+        f(map.entry(name.to_owned()).or_default())
+    }
+
+    /// May this call use pipeline provider `name` (`slot:provider`) now?
+    pub fn admit_provider(&self, name: &str) -> bool {
+        self.provider(name, Entry::admit)
+    }
+
+    pub fn provider_success(&self, name: &str) {
+        self.provider(name, |e| *e = Entry::default());
+    }
+
+    pub fn provider_failure(&self, name: &str) {
+        if self.provider(name, Entry::fail) {
+            tracing::error!(provider = name, "provider circuit breaker opened");
+        }
+    }
+
     pub fn state(&self, kind: EngineKind) -> State {
         self.with(kind, |e| match e.opened_at {
             None => State::Closed,
@@ -106,5 +158,18 @@ mod tests {
         b.success(k);
         assert!(b.admit(k));
         assert_eq!(b.state(k), State::Closed);
+    }
+
+    #[test]
+    fn providers_have_breakers_of_their_own() {
+        let b = Breakers::default();
+        for _ in 0..THRESHOLD {
+            assert!(b.admit_provider("tts:elevenlabs"));
+            b.provider_failure("tts:elevenlabs");
+        }
+        assert!(!b.admit_provider("tts:elevenlabs"));
+        assert!(b.admit_provider("tts:deepgram"));
+        b.provider_success("tts:elevenlabs");
+        assert!(b.admit_provider("tts:elevenlabs"));
     }
 }

@@ -4,11 +4,16 @@
 
 pub mod breaker;
 pub mod openai;
+pub mod pipeline;
 pub mod scripted;
 pub mod ultravox;
 pub mod ultravox_ws;
 
+use std::sync::Arc;
+
 use serde::Serialize;
+
+use self::breaker::Breakers;
 
 use crate::config::{Config, EngineKind, UltravoxMedium};
 use crate::domain::ids::CallId;
@@ -87,6 +92,10 @@ pub enum EngineEvent {
     Hangup {
         reason: &'static str,
     },
+    /// Pipeline: one caller turn's stage timings.
+    TurnStats(pipeline::TurnStats),
+    /// Pipeline: the providers serving the call (sent again when a fallback changes them).
+    Providers(pipeline::Providers),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +110,7 @@ pub enum Engine {
     Scripted(Box<scripted::ScriptedEngine>),
     OpenAi(Box<openai::RealtimeEngine>),
     UltravoxWs(Box<ultravox_ws::UltravoxWsEngine>),
+    Pipeline(Box<pipeline::PipelineEngine>),
 }
 
 impl Engine {
@@ -110,6 +120,7 @@ impl Engine {
         kind: EngineKind,
         ctx: CallContext,
         cfg: &Config,
+        breakers: &Arc<Breakers>,
     ) -> Result<Engine, EngineError> {
         match kind {
             EngineKind::Scripted => Ok(Engine::Scripted(Box::new(scripted::ScriptedEngine::new(
@@ -124,6 +135,9 @@ impl Engine {
                     ultravox_ws::UltravoxWsEngine::connect(cfg, &ctx).await?,
                 )))
             }
+            EngineKind::Pipeline => Ok(Engine::Pipeline(Box::new(
+                pipeline::PipelineEngine::start(ctx, cfg, breakers.clone()).await?,
+            ))),
             other => Err(EngineError::Unavailable(other)),
         }
     }
@@ -137,6 +151,7 @@ impl Engine {
             }
             Engine::OpenAi(e) => e.stream_started().await,
             Engine::UltravoxWs(e) => e.stream_started().await,
+            Engine::Pipeline(e) => e.stream_started().await,
         }
     }
 
@@ -149,6 +164,7 @@ impl Engine {
             }
             Engine::OpenAi(e) => e.caller_audio(payload_b64).await,
             Engine::UltravoxWs(e) => e.caller_audio(payload_b64).await,
+            Engine::Pipeline(e) => e.caller_audio(payload_b64).await,
         }
     }
 
@@ -164,6 +180,7 @@ impl Engine {
                 e.interrupted(item, played_ms);
                 Ok(())
             }
+            Engine::Pipeline(e) => e.interrupted(item, played_ms).await,
         }
     }
 
@@ -176,6 +193,7 @@ impl Engine {
             }
             Engine::OpenAi(e) => e.say(text).await,
             Engine::UltravoxWs(e) => e.say(text).await,
+            Engine::Pipeline(e) => e.say(text).await,
         }
     }
 
@@ -186,6 +204,7 @@ impl Engine {
             Engine::Scripted(e) => Ok(e.next_event().await),
             Engine::OpenAi(e) => e.next_event().await,
             Engine::UltravoxWs(e) => e.next_event().await,
+            Engine::Pipeline(e) => e.next_event().await,
         }
     }
 
@@ -194,6 +213,7 @@ impl Engine {
             Engine::Scripted(_) => {}
             Engine::OpenAi(e) => e.close().await,
             Engine::UltravoxWs(e) => e.close().await,
+            Engine::Pipeline(e) => e.close().await,
         }
     }
 }

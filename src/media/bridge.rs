@@ -24,6 +24,7 @@ use crate::domain::event::CallEvent;
 use crate::domain::ids::CallId;
 use crate::domain::phrases;
 use crate::engines::breaker::Breakers;
+use crate::engines::pipeline::{Providers, TurnStats};
 use crate::engines::{Engine, EngineEvent, ItemId, Speaker};
 use crate::ops::metrics::Metrics;
 use crate::store::Store;
@@ -86,15 +87,22 @@ struct Latency {
     turn_from: Option<Instant>,
     turn_ms: Vec<f64>,
     barge_in_ms: Vec<f64>,
+    /// Pipeline engine: per-turn stage timings, and the providers in use.
+    turns: Vec<TurnStats>,
+    providers: Option<Providers>,
 }
 
 impl Latency {
     fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "greeting_ms": self.greeting_ms,
             "turn_ms": self.turn_ms,
             "barge_in_ms": self.barge_in_ms,
-        })
+        });
+        if !self.turns.is_empty() {
+            v["turns"] = serde_json::json!(self.turns);
+        }
+        v
     }
 }
 
@@ -354,6 +362,23 @@ impl<L: Leg> Bridge<L> {
                 note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;
                 self.hangup = Some((reason, Instant::now() + GOODBYE_GRACE));
             }
+            EngineEvent::TurnStats(t) => {
+                let m = &self.cx.metrics;
+                for (stage, provider, v) in [
+                    ("stt_final", t.stt, Some(t.stt_final_ms)),
+                    ("llm_first_token", t.llm.as_str(), t.llm_first_token_ms),
+                    ("tts_first_audio", t.tts, t.tts_first_audio_ms),
+                    ("turn", "all", Some(t.turn_ms)),
+                ] {
+                    if let Some(v) = v {
+                        m.pipeline_stage
+                            .with(&[stage, provider])
+                            .observe(v / 1000.0);
+                    }
+                }
+                self.latency.turns.push(t);
+            }
+            EngineEvent::Providers(p) => self.latency.providers = Some(p),
         }
         Ok(())
     }
@@ -406,11 +431,18 @@ impl<L: Leg> Bridge<L> {
             m.engine_errors.with(&[engine, "session"]).inc();
         }
         let latency = self.latency.to_json();
+        let providers = self.latency.providers.take().map(|p| serde_json::json!(p));
         let id = self.cx.call_id.to_string();
         if let Err(e) = self
             .cx
             .store
-            .run(move |c| calls::set_latency(c, &id, &latency))
+            .run(move |c| {
+                calls::set_latency(c, &id, &latency)?;
+                match providers {
+                    Some(p) => calls::set_providers(c, &id, &p),
+                    None => Ok(()),
+                }
+            })
             .await
         {
             tracing::error!(error = %e, "cannot store call latency");

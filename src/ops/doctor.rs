@@ -96,7 +96,101 @@ pub async fn run(cfg: &Config) -> Vec<Check> {
     if let Some(c) = check_systemd_stop_timeout(cfg).await {
         out.push(c);
     }
+    out.extend(check_pipeline(cfg).await);
     out
+}
+
+/// The pipeline's providers (SPEC §6): one cheap authenticated request each, for those the
+/// `[pipeline]` lists name. Nothing when no pipeline is configured.
+pub async fn check_pipeline(cfg: &Config) -> Vec<Check> {
+    let Some(p) = &cfg.pipeline else {
+        return Vec::new();
+    };
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .user_agent(concat!("voicectl-doctor/", env!("CARGO_PKG_VERSION")))
+        .build()
+    else {
+        return vec![Check::fail(
+            "pipeline",
+            "cannot build an HTTP client",
+            "report a bug",
+        )];
+    };
+    // WebSocket endpoints answer REST on the same host.
+    let http_base = |ws: &str| -> String {
+        let u = ws
+            .replacen("wss://", "https://", 1)
+            .replacen("ws://", "http://", 1);
+        match reqwest::Url::parse(&u) {
+            Ok(mut u) => {
+                u.set_path("");
+                u.set_query(None);
+                u.to_string().trim_end_matches('/').to_owned()
+            }
+            Err(_) => u,
+        }
+    };
+    let mut out = Vec::new();
+    let uses = |list: &[String], name: &str| list.iter().any(|x| x == name);
+    if uses(&p.stt, "deepgram") || uses(&p.tts, "deepgram") {
+        let url = format!("{}/v1/projects", http_base(&cfg.deepgram.stt_url));
+        let req = client.get(&url).header(
+            "authorization",
+            format!("Token {}", cfg.deepgram.api_key.expose()),
+        );
+        out.push(provider_check("deepgram", "deepgram", "deepgram.api_key", req).await);
+    }
+    if uses(&p.tts, "elevenlabs") {
+        let url = format!("{}/v1/user", http_base(&cfg.elevenlabs.api_base_url));
+        let req = client
+            .get(&url)
+            .header("xi-api-key", cfg.elevenlabs.api_key.expose());
+        out.push(provider_check("elevenlabs", "elevenlabs", "elevenlabs.api_key", req).await);
+    }
+    if uses(&p.tts, "openai") {
+        let url = format!("{}/models", cfg.openai.api_base_url.trim_end_matches('/'));
+        let req = client.get(&url).bearer_auth(cfg.openai.api_key.expose());
+        out.push(provider_check("openai-speech", "openai", "openai.api_key", req).await);
+    }
+    for name in &p.llm {
+        let Some(l) = cfg.llm.iter().find(|l| &l.name == name) else {
+            continue;
+        };
+        let url = format!("{}/models", l.base_url.trim_end_matches('/'));
+        let mut req = client.get(&url);
+        if !l.api_key.is_empty() {
+            req = req.bearer_auth(l.api_key.expose());
+        }
+        out.push(provider_check("llm", name, "the [[llm]] entry's api_key", req).await);
+    }
+    out
+}
+
+async fn provider_check(
+    check: &'static str,
+    who: &str,
+    key: &str,
+    req: reqwest::RequestBuilder,
+) -> Check {
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Check::ok(check, format!("{who}: key accepted")),
+        Ok(r) if matches!(r.status().as_u16(), 401 | 403) => Check::fail(
+            check,
+            format!("{who}: key refused (HTTP {})", r.status().as_u16()),
+            format!("check {key}"),
+        ),
+        Ok(r) => Check::fail(
+            check,
+            format!("{who}: HTTP {}", r.status().as_u16()),
+            "check the provider's base URL in the config",
+        ),
+        Err(e) => Check::fail(
+            check,
+            format!("{who}: cannot reach it: {}", error_chain(&e.without_url())),
+            "check outbound HTTPS and DNS from this host, and the provider's URL in the config",
+        ),
+    }
 }
 
 fn check_config(cfg: &Config) -> Check {

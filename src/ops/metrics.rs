@@ -190,6 +190,9 @@ pub struct Metrics {
     pub greeting_latency: Family<Histogram, Buckets>,
     pub turn_latency: Family<Histogram, Buckets>,
     pub barge_in_latency: Family<Histogram, Buckets>,
+    /// Pipeline engine: `.with(&[stage, provider])`, stage ∈ stt_final, llm_first_token,
+    /// tts_first_audio, turn.
+    pub pipeline_stage: Family<Histogram, Buckets>,
     pub media_frames: Family<Counter>,
     pub engine_errors: Family<Counter>,
     pub engine_circuit_state: Family<Gauge>,
@@ -233,6 +236,7 @@ impl Metrics {
             greeting_latency: Family::histogram(&["engine"], LATENCY_BUCKETS),
             turn_latency: Family::histogram(&["engine"], LATENCY_BUCKETS),
             barge_in_latency: Family::histogram(&["engine"], LATENCY_BUCKETS),
+            pipeline_stage: Family::histogram(&["stage", "provider"], LATENCY_BUCKETS),
             media_frames: Family::counter(&["direction"]),
             engine_errors: Family::counter(&["engine", "kind"]),
             engine_circuit_state: Family::gauge(&["engine"]),
@@ -321,6 +325,11 @@ impl Metrics {
             r,
             "voicectl_barge_in_latency_seconds",
             "From detected caller speech to agent audio stopped, by engine.",
+        );
+        self.pipeline_stage.register(
+            r,
+            "voicectl_pipeline_stage_seconds",
+            "Pipeline engine stage latency per caller turn, by stage and provider.",
         );
         self.media_frames.register(
             r,

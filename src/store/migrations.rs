@@ -148,6 +148,10 @@ CREATE TABLE ui_sessions (
 ) STRICT;
 CREATE INDEX ui_sessions_expiry ON ui_sessions(expires_at);
 "#,
+    // 5: the providers a pipeline call used (JSON {"stt","llm","tts"}).
+    r#"
+ALTER TABLE calls ADD COLUMN providers TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

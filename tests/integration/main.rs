@@ -12,6 +12,7 @@ mod layering;
 mod lifecycle;
 mod limits;
 mod ops;
+mod pipeline;
 mod proxy;
 mod serve;
 mod support;

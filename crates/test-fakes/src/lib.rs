@@ -13,6 +13,9 @@
 //!
 //! Layout:
 //! - services: [`realtime::FakeRealtime`] (OpenAI Realtime over WebSocket),
+//!   pipeline providers [`deepgram::FakeDeepgram`] (live STT and Aura TTS),
+//!   [`elevenlabs::FakeElevenLabs`] (stream-input TTS), [`openai_http::FakeOpenAiHttp`]
+//!   (streaming chat completions and speech),
 //!   [`ultravox::FakeUltravox`] (REST plus the `joinUrl` WebSocket);
 //! - wire formats the services share: [`twilio_media`] (a stream endpoint's side of Twilio
 //!   Media Streams, for Ultravox's `twilio` medium);
@@ -21,6 +24,9 @@
 //!   deterministic tones the fake agents speak ([`agent_mulaw`], [`agent_pcm_bytes`]).
 
 // Services.
+pub mod deepgram;
+pub mod elevenlabs;
+pub mod openai_http;
 pub mod realtime;
 pub mod ultravox;
 

@@ -18,6 +18,16 @@ pub struct Analytics {
     pub greeting_latency_ms: Percentiles,
     pub turn_latency_ms: Percentiles,
     pub barge_in_latency_ms: Percentiles,
+    /// Pipeline calls: each stage of each caller turn (`latency.turns[]`).
+    pub pipeline_stages_ms: PipelineStages,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PipelineStages {
+    pub stt_final_ms: Percentiles,
+    pub llm_first_token_ms: Percentiles,
+    pub tts_first_audio_ms: Percentiles,
+    pub turn_ms: Percentiles,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -74,6 +84,13 @@ pub fn analytics(conn: &Connection, scope: Scope, since_ms: Option<i64>) -> Resu
          AND (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR created_at >= ?2)",
     )?;
     let (mut greet, mut turn, mut barge) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stages: [Vec<f64>; 4] = Default::default();
+    const STAGES: [&str; 4] = [
+        "stt_final_ms",
+        "llm_first_token_ms",
+        "tts_first_audio_ms",
+        "turn_ms",
+    ];
     for row in lat.query_map(params![scope.tenant_id(), since_ms], |r| {
         r.get::<_, String>(0)
     })? {
@@ -93,11 +110,23 @@ pub fn analytics(conn: &Connection, scope: Scope, since_ms: Option<i64>) -> Resu
                 .flatten()
                 .filter_map(|x| x.as_f64()),
         );
+        for t in v["turns"].as_array().into_iter().flatten() {
+            for (i, k) in STAGES.iter().enumerate() {
+                stages[i].extend(t[*k].as_f64());
+            }
+        }
     }
+    let [stt, llm, tts, whole] = stages;
     Ok(Analytics {
         greeting_latency_ms: Percentiles::of(greet),
         turn_latency_ms: Percentiles::of(turn),
         barge_in_latency_ms: Percentiles::of(barge),
+        pipeline_stages_ms: PipelineStages {
+            stt_final_ms: Percentiles::of(stt),
+            llm_first_token_ms: Percentiles::of(llm),
+            tts_first_audio_ms: Percentiles::of(tts),
+            turn_ms: Percentiles::of(whole),
+        },
         since: since_ms.map(rfc3339),
         total,
         by_status,

@@ -33,6 +33,9 @@ pub struct Call {
     /// Greeting, turn and barge-in latencies measured by the bridge (ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency: Option<serde_json::Value>,
+    /// Pipeline calls: `{"stt", "llm", "tts"}` providers used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub providers: Option<serde_json::Value>,
     #[serde(skip)]
     pub created_ms: i64,
 }
@@ -66,7 +69,7 @@ pub struct NewCall {
 
 pub(super) const COLUMNS: &str = "c.id, t.name, c.direction, c.to_number, c.from_number, c.status, c.engine, \
      c.twilio_call_sid, c.answered_by, c.created_at, c.started_at, c.ended_at, \
-     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency \
+     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers \
      FROM calls c JOIN tenants t ON t.id = c.tenant_id";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
@@ -101,6 +104,9 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
         error: r.get(15)?,
         latency: r
             .get::<_, Option<String>>(16)?
+            .and_then(|l| serde_json::from_str(&l).ok()),
+        providers: r
+            .get::<_, Option<String>>(17)?
             .and_then(|l| serde_json::from_str(&l).ok()),
         created_ms,
     })

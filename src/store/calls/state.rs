@@ -290,6 +290,15 @@ pub fn set_latency(conn: &Connection, id: &str, latency: &serde_json::Value) -> 
     Ok(())
 }
 
+/// The providers a pipeline call used (SPEC §6 `providers`).
+pub fn set_providers(conn: &Connection, id: &str, providers: &serde_json::Value) -> Result<()> {
+    conn.execute(
+        "UPDATE calls SET providers = ?1 WHERE id = ?2",
+        params![providers.to_string(), id],
+    )?;
+    Ok(())
+}
+
 pub fn add_event(
     conn: &Connection,
     call_id: &str,
