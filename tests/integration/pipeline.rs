@@ -1015,3 +1015,56 @@ async fn the_deepgram_fake_speaks_the_live_protocol_and_flags_deviations() {
             .all(|s| s.violations.is_empty() || s.query.len() == 1)
     );
 }
+
+#[tokio::test]
+async fn a_silent_caller_hears_the_prompt_then_the_goodbye_spoken_by_the_tts() {
+    let f = Fakes::start(
+        DeepgramOpts::default(),
+        ElevenLabsOpts::default(),
+        OpenAiHttpOpts::default(),
+        OpenAiHttpOpts::default(),
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let s = pipeline_stack(&f, data.path(), |c| {
+        c.agent.silence_timeout = voicectl::config::HumanDuration::from_secs(1);
+        c.agent.goodbye = "Goodbye for now.".into();
+    })
+    .await;
+    s.sim
+        .set_scenario("+14155550916", Scenario::answer(CallerScript::silent()));
+    let id = s.call("+14155550916").await;
+    let ev = s.follow(&id, Duration::from_secs(20)).await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed");
+    f.assert_clean().await;
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "silence", "{call}");
+    let texts: Vec<String> =
+        f.el.state()
+            .sessions
+            .iter()
+            .flat_map(|s| s.texts.clone())
+            .map(|t| t.trim().to_owned())
+            .collect();
+    assert_eq!(
+        texts,
+        vec![
+            "Hello, this is the pipeline.",
+            "Are you still there?",
+            "Goodbye for now."
+        ]
+    );
+    let t = s.transcript(&id).await;
+    assert_eq!(
+        lines(&t, "agent"),
+        vec![
+            "Hello, this is the pipeline.",
+            "Are you still there?",
+            "Goodbye for now."
+        ]
+    );
+    assert!(
+        f.oa.state().chats.is_empty(),
+        "no LLM turn without the caller"
+    );
+}
