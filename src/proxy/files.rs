@@ -83,7 +83,7 @@ pub(super) async fn serve(root: &Path, rest: &str, req: Request) -> Result<Respo
 /// outside the root, or that a file system might read differently than we do, is refused:
 /// `..`, encoded `/` or `\`, backslashes, NUL. Dot files (`.env`, `.git`) are not served,
 /// except `/.well-known/`.
-fn decode_segments(rest: &str) -> Result<Vec<String>, ProxyError> {
+pub(super) fn decode_segments(rest: &str) -> Result<Vec<String>, ProxyError> {
     const BAD: ProxyError = ProxyError::BadRequest("invalid path");
     let mut out = Vec::new();
     for raw in rest.split('/').filter(|s| !s.is_empty()) {

@@ -215,6 +215,34 @@ fn has_dot_segments(path: &str) -> bool {
     })
 }
 
+/// The private path rules, reachable from the `fuzz/` crate (cargo-fuzz) only: the binary
+/// never enables the `fuzzing` feature, so this is not part of any interface.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use axum::http::Uri;
+
+    pub fn has_dot_segments(path: &str) -> bool {
+        super::has_dot_segments(path)
+    }
+
+    /// The URI sent to an upstream at `authority` with base path `base` for the route
+    /// remainder `rest` of `orig`; `None` where the proxy answers 400.
+    pub fn upstream_uri(authority: &str, base: &str, rest: &str, orig: &Uri) -> Option<Uri> {
+        let up = super::table::Upstream {
+            authority: authority.parse().ok()?,
+            base: base.to_owned(),
+        };
+        super::upstream_uri(&up, rest, orig).ok()
+    }
+
+    /// The file-name segments a static route would join to its root; `None` where it
+    /// answers 400 or 404 without touching the file system.
+    pub fn static_segments(rest: &str) -> Option<Vec<String>> {
+        super::files::decode_segments(rest).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
