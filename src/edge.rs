@@ -52,6 +52,9 @@ pub fn server_config(tls: &Tls) -> Result<Arc<rustls::ServerConfig>, rustls::Err
         .with_no_client_auth()
         .with_cert_resolver(tls.resolver());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Our suite order (strongest first) decides, not the client's: a client cannot steer the
+    // handshake to the weakest suite both sides share (testssl.sh rates that HIGH).
+    cfg.ignore_client_order = true;
     if tls.mode() == TlsMode::Acme && tls.challenge() == AcmeChallenge::TlsAlpn01 {
         cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
     }

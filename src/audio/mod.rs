@@ -66,3 +66,40 @@ mod tests {
         }
     }
 }
+
+/// Property tests (issue 11): the base64 helpers agree with a real decoder and never panic.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn decoded_len_matches_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let s = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            prop_assert!(is_base64(&s));
+            prop_assert_eq!(base64_decoded_len(&s), bytes.len() as u64);
+        }
+
+        #[test]
+        fn decoded_len_is_total_and_bounded(s in "[A-Za-z0-9+/=]{0,64}|\\PC{0,64}") {
+            let n = base64_decoded_len(&s);
+            prop_assert!(n <= (s.len() as u64 / 4) * 3);
+            if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(&s) {
+                prop_assert_eq!(n, decoded.len() as u64);
+            }
+        }
+
+        #[test]
+        fn base64_strings_are_json_safe(s in "\\PC{0,64}") {
+            if is_base64(&s) {
+                let quoted = format!("\"{s}\"");
+                let back: String = serde_json::from_str(&quoted).expect("splices unescaped");
+                prop_assert_eq!(back, s);
+            }
+        }
+    }
+}

@@ -89,3 +89,46 @@ mod tests {
         assert_eq!(mean_abs(&[SILENCE; 160]), 0);
     }
 }
+
+/// Property tests (issue 11): the codec is total and every code word survives a round trip.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Exhaustive rather than sampled: there are only 256 code words. μ-law has two zeros
+    /// (0xFF and 0x7F); the encoder writes the positive one.
+    #[test]
+    fn every_code_word_round_trips() {
+        for b in 0..=255u8 {
+            let back = encode(decode(b));
+            if b == 0x7F {
+                assert_eq!(back, SILENCE);
+            } else {
+                assert_eq!(back, b, "{b:#04x} -> {} -> {back:#04x}", decode(b));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn encoding_any_sample_is_close(s: i16) {
+            let back = i32::from(decode(encode(s)));
+            let s = i32::from(s).clamp(-32124, 32124);
+            prop_assert!((back - s).abs() <= s.abs() / 16 + 8, "{s} -> {back}");
+        }
+
+        #[test]
+        fn encoding_preserves_order(a: i16, b: i16) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            prop_assert!(decode(encode(lo)) <= decode(encode(hi)));
+        }
+
+        #[test]
+        fn mean_abs_is_bounded(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            prop_assert!(mean_abs(&bytes) <= 32124);
+        }
+    }
+}

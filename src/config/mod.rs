@@ -1129,3 +1129,100 @@ mod tests {
         assert!(!is_hostname("x:443"));
     }
 }
+
+/// Property tests (issue 11): any file an operator (or a mistaken `init`) writes gives a
+/// config or a clear error, never a panic — also when the error points into multi-byte text.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line() -> impl Strategy<Value = String> {
+        let section = prop_oneof![
+            Just("[server]"),
+            Just("[tls]"),
+            Just("[twilio]"),
+            Just("[agent]"),
+            Just("[openai]"),
+            Just("[ultravox]"),
+            Just("[limits]"),
+            Just("[[proxy]]"),
+            Just("[nope]"),
+        ]
+        .prop_map(str::to_owned);
+        let key = prop_oneof![
+            Just("domain"),
+            Just("public_url"),
+            Just("listen"),
+            Just("max_concurrent_calls"),
+            Just("drain_timeout"),
+            Just("trusted_proxies"),
+            Just("allow_private_targets"),
+            Just("mode"),
+            Just("engine"),
+            Just("path"),
+            Just("host"),
+            Just("upstream"),
+            Just("root"),
+            Just("header_timeout"),
+            Just("max_connections"),
+            Just("calls_per_second"),
+            Just("ünïcode"),
+        ];
+        let value = prop_oneof![
+            Just("\"60s\"".to_owned()),
+            Just("\"example.com\"".to_owned()),
+            Just("\"/\"".to_owned()),
+            Just("\"http://127.0.0.1:3000\"".to_owned()),
+            Just("[\"10.0.0.0/8\", \"::1\"]".to_owned()),
+            Just("true".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| format!("{n:?}")),
+            "\\PC{0,12}".prop_map(|s| format!("{s:?}")),
+            "\\PC{0,12}",
+        ];
+        prop_oneof![
+            section,
+            (key, value).prop_map(|(k, v)| format!("{k} = {v}"))
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = Config::from_toml(&text, Path::new("t.toml"), &|_| None);
+        }
+
+        #[test]
+        fn toml_shaped_files_never_panic(lines in proptest::collection::vec(line(), 0..12)) {
+            let _ = Config::from_toml(&lines.join("\n"), Path::new("t.toml"), &|_| None);
+        }
+
+        #[test]
+        fn the_template_with_a_splice_never_panics(
+            at in 0..TEMPLATE.len(),
+            cut in 0usize..40,
+            insert in "\\PC{0,20}",
+        ) {
+            let start = (0..=at).rev().find(|&i| TEMPLATE.is_char_boundary(i)).unwrap_or(0);
+            let end = (start + cut..=TEMPLATE.len())
+                .find(|&i| TEMPLATE.is_char_boundary(i))
+                .unwrap_or(TEMPLATE.len());
+            let text = format!("{}{insert}{}", &TEMPLATE[..start], &TEMPLATE[end..]);
+            let _ = Config::from_toml(&text, Path::new("t.toml"), &|_| None);
+        }
+
+        #[test]
+        fn durations_round_trip(secs in 0u64..10 * 365 * 86400) {
+            let d = HumanDuration::from_secs(secs);
+            prop_assert_eq!(HumanDuration::parse(&d.to_string()), Ok(d));
+        }
+
+        #[test]
+        fn any_duration_text_never_panics(s in "\\PC{0,30}|[0-9]{1,25}[a-z]{1,3}") {
+            let _ = HumanDuration::parse(&s);
+        }
+    }
+}

@@ -83,7 +83,7 @@ pub(super) async fn serve(root: &Path, rest: &str, req: Request) -> Result<Respo
 /// outside the root, or that a file system might read differently than we do, is refused:
 /// `..`, encoded `/` or `\`, backslashes, NUL. Dot files (`.env`, `.git`) are not served,
 /// except `/.well-known/`.
-fn decode_segments(rest: &str) -> Result<Vec<String>, ProxyError> {
+pub(super) fn decode_segments(rest: &str) -> Result<Vec<String>, ProxyError> {
     const BAD: ProxyError = ProxyError::BadRequest("invalid path");
     let mut out = Vec::new();
     for raw in rest.split('/').filter(|s| !s.is_empty()) {
@@ -308,5 +308,81 @@ mod tests {
         );
         assert_eq!(content_type(Path::new("a.bin")), "application/octet-stream");
         assert_eq!(content_type(Path::new("noext")), "application/octet-stream");
+    }
+}
+
+/// Property tests (issue 11): no request path names a file outside the static root.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::Component;
+
+    fn tricky_rest() -> impl Strategy<Value = String> {
+        let seg = prop_oneof![
+            Just("..".to_owned()),
+            Just("%2e%2e".to_owned()),
+            Just("%2E%2e".to_owned()),
+            Just("%2f".to_owned()),
+            Just("%5C".to_owned()),
+            Just("%00".to_owned()),
+            Just(".git".to_owned()),
+            Just(".well-known".to_owned()),
+            Just("%ff".to_owned()),
+            "[a-z.%2eEf5c\\\\]{0,6}",
+            "\\PC{0,6}",
+        ];
+        proptest::collection::vec(seg, 0..6).prop_map(|segs| format!("/{}", segs.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn decoded_segments_never_leave_the_root(rest in tricky_rest()) {
+            let root = Path::new("/srv/site");
+            if let Ok(segments) = decode_segments(&rest) {
+                let mut path = root.to_path_buf();
+                path.extend(&segments);
+                prop_assert!(path.starts_with(root), "{} -> {}", rest, path.display());
+                for c in path.strip_prefix(root).expect("checked").components() {
+                    prop_assert!(matches!(c, Component::Normal(_)), "{} -> {:?}", rest, c);
+                }
+                prop_assert_eq!(path.components().count(), root.components().count() + segments.len());
+                for (i, s) in segments.iter().enumerate() {
+                    prop_assert!(!s.is_empty() && !s.contains(['/', '\\', '\0']));
+                    prop_assert!(!s.starts_with('.') || (i == 0 && s == ".well-known"));
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_rests_never_panic(rest in "\\PC{0,80}") {
+            let _ = decode_segments(&rest);
+        }
+
+        #[test]
+        fn validators_never_panic_on_request_headers(
+            inm in proptest::option::of("[ -~]{0,40}"),
+            ims in proptest::option::of("[ -~]{0,40}"),
+        ) {
+            let dir = std::env::temp_dir();
+            let meta = std::fs::metadata(&dir).expect("temp dir exists");
+            let v = Validators::of(&meta);
+            let mut h = HeaderMap::new();
+            if let Some(Ok(x)) = inm.as_deref().map(HeaderValue::from_str) {
+                h.insert(header::IF_NONE_MATCH, x);
+            }
+            if let Some(Ok(x)) = ims.as_deref().map(HeaderValue::from_str) {
+                h.insert(header::IF_MODIFIED_SINCE, x);
+            }
+            let _ = v.not_modified(&h);
+            // Our own validator always matches itself.
+            if let Some(etag) = &v.etag {
+                let mut own = HeaderMap::new();
+                own.insert(header::IF_NONE_MATCH, etag.clone());
+                prop_assert!(v.not_modified(&own));
+            }
+        }
     }
 }

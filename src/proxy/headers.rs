@@ -213,3 +213,101 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "site.test");
     }
 }
+
+/// Property tests (issue 11): for any header map a client can send, nothing hop-by-hop and
+/// nothing forged about the client's address reaches the upstream.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("connection".to_owned()),
+            Just("keep-alive".to_owned()),
+            Just("transfer-encoding".to_owned()),
+            Just("upgrade".to_owned()),
+            Just("te".to_owned()),
+            Just("proxy".to_owned()),
+            Just("x-forwarded-for".to_owned()),
+            Just("x-forwarded-proto".to_owned()),
+            Just("x-forwarded-host".to_owned()),
+            Just("forwarded".to_owned()),
+            Just("x-real-ip".to_owned()),
+            Just("host".to_owned()),
+            Just("x-secret".to_owned()),
+            "[a-z-]{1,10}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"upgrade".to_vec()),
+            Just(b"keep-alive, x-secret, host".to_vec()),
+            Just(b"1.2.3.4".to_vec()),
+            "[ -~]{0,24}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..24),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = HeaderMap> {
+        proptest::collection::vec((name(), value()), 0..10).prop_map(|pairs| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(n.as_bytes()),
+                    HeaderValue::from_bytes(&v),
+                ) {
+                    h.append(n, v);
+                }
+            }
+            h
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn hop_by_hop_never_crosses(mut h in headers()) {
+            let named: Vec<HeaderName> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| n != header::HOST)
+                .collect();
+            let host = h.get_all(header::HOST).iter().cloned().collect::<Vec<_>>();
+            let _ = upgrade_protocol(&h);
+            strip_hop_by_hop(&mut h);
+            for n in HOP_BY_HOP.iter().chain(&named) {
+                prop_assert!(!h.contains_key(n), "{} survived", n);
+            }
+            prop_assert!(!h.contains_key(header::UPGRADE) && !h.contains_key("proxy"));
+            prop_assert_eq!(h.get_all(header::HOST).iter().cloned().collect::<Vec<_>>(), host);
+        }
+
+        #[test]
+        fn untrusted_peers_cannot_forge_forwarding(
+            mut h in headers(),
+            peer in any::<std::net::IpAddr>(),
+            trusted in any::<bool>(),
+        ) {
+            let sent_for: Vec<HeaderValue> = h.get_all(&X_FORWARDED_FOR).iter().cloned().collect();
+            set_forwarded(&mut h, Some(peer), trusted, "https", Some(HeaderValue::from_static("example.com")));
+            let xff: Vec<&HeaderValue> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+            prop_assert_eq!(xff.len(), 1);
+            let xff = xff[0].to_str().expect("ours is ASCII");
+            prop_assert!(xff.ends_with(&peer.to_string()));
+            if !trusted {
+                prop_assert_eq!(xff, peer.to_string());
+                prop_assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
+                prop_assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+                prop_assert_eq!(h.get(&X_FORWARDED_HOST).map(|v| v.as_bytes()), Some(&b"example.com"[..]));
+            } else if sent_for.is_empty() {
+                prop_assert_eq!(xff, peer.to_string());
+            }
+        }
+    }
+}

@@ -215,6 +215,34 @@ fn has_dot_segments(path: &str) -> bool {
     })
 }
 
+/// The private path rules, reachable from the `fuzz/` crate (cargo-fuzz) only: the binary
+/// never enables the `fuzzing` feature, so this is not part of any interface.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use axum::http::Uri;
+
+    pub fn has_dot_segments(path: &str) -> bool {
+        super::has_dot_segments(path)
+    }
+
+    /// The URI sent to an upstream at `authority` with base path `base` for the route
+    /// remainder `rest` of `orig`; `None` where the proxy answers 400.
+    pub fn upstream_uri(authority: &str, base: &str, rest: &str, orig: &Uri) -> Option<Uri> {
+        let up = super::table::Upstream {
+            authority: authority.parse().ok()?,
+            base: base.to_owned(),
+        };
+        super::upstream_uri(&up, rest, orig).ok()
+    }
+
+    /// The file-name segments a static route would join to its root; `None` where it
+    /// answers 400 or 404 without touching the file system.
+    pub fn static_segments(rest: &str) -> Option<Vec<String>> {
+        super::files::decode_segments(rest).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +277,81 @@ mod tests {
             upstream_uri(&up("/base"), "", &bare).unwrap(),
             "http://u:1/base"
         );
+    }
+}
+
+/// Property tests (issue 11): whatever request path arrives, a path we forward or serve
+/// stays under the route's base and carries no `.`/`..` segment in any spelling.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Paths built from the characters that matter for traversal, so `..`, `%2e` and friends
+    /// come up often.
+    pub(crate) fn tricky_path() -> impl Strategy<Value = String> {
+        let seg = prop_oneof![
+            Just(".".to_owned()),
+            Just("..".to_owned()),
+            Just("%2e%2e".to_owned()),
+            Just("%2E.".to_owned()),
+            Just(".%2e".to_owned()),
+            Just("%2f".to_owned()),
+            Just("%5c".to_owned()),
+            Just("%00".to_owned()),
+            Just("...".to_owned()),
+            "[a-z.%2eEf5c\\\\]{0,6}",
+        ];
+        proptest::collection::vec(seg, 0..6).prop_map(|segs| format!("/{}", segs.join("/")))
+    }
+
+    fn decodes_to_dots(seg: &str) -> bool {
+        matches!(
+            percent_encoding::percent_decode_str(seg)
+                .decode_utf8()
+                .as_deref(),
+            Ok("." | "..")
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn dot_segments_are_caught_in_every_spelling(path in tricky_path()) {
+            let any_dots = path.split('/').any(decodes_to_dots);
+            prop_assert_eq!(has_dot_segments(&path), any_dots, "{}", path);
+        }
+
+        #[test]
+        fn arbitrary_paths_never_panic(path in "\\PC{0,64}") {
+            let _ = has_dot_segments(&path);
+        }
+
+        #[test]
+        fn forwarded_paths_stay_under_the_base(
+            base in "(/[a-z]{1,6}){0,2}",
+            path in tricky_path(),
+            query in proptest::option::of("[a-z0-9=&%]{0,12}"),
+        ) {
+            let up = table::Upstream { authority: "u:1".parse().expect("static"), base: base.clone() };
+            let target = match &query {
+                Some(q) => format!("/app{path}?{q}"),
+                None => format!("/app{path}"),
+            };
+            let Ok(orig) = target.parse::<Uri>() else { return Ok(()) };
+            let rest = orig.path().strip_prefix("/app").unwrap_or("").to_owned();
+            // `handle` refuses these before building an upstream URI.
+            if !(rest.is_empty() || rest.starts_with('/')) || has_dot_segments(orig.path()) {
+                return Ok(());
+            }
+            if let Ok(uri) = upstream_uri(&up, &rest, &orig) {
+                let prefix = if base.is_empty() { "/app" } else { base.as_str() };
+                prop_assert!(uri.path().starts_with(prefix), "{} -> {}", target, uri);
+                prop_assert!(!uri.path().split('/').any(decodes_to_dots), "{}", uri);
+                prop_assert_eq!(uri.query(), orig.query());
+                prop_assert_eq!(uri.authority().map(|a| a.as_str()), Some("u:1"));
+            }
+        }
     }
 }

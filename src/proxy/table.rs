@@ -301,3 +301,59 @@ mod tests {
         assert!(parse_upstream("nope").is_err());
     }
 }
+
+/// Property tests (issue 11): host and prefix matching are total and never match across a
+/// segment boundary.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn host_helpers_return_a_prefix(host in "\\PC{0,40}|\\[[0-9a-f:]{0,10}\\]?(:[0-9]{0,6})?") {
+            let stripped = strip_port(&host);
+            prop_assert!(host.starts_with(stripped));
+            prop_assert!(host.starts_with(match_host(&host)));
+            let _ = normalise_host(&host);
+        }
+
+        #[test]
+        fn prefixes_match_whole_segments(
+            prefix in "/|(/[a-z]{1,4}){1,3}",
+            path in "(/[a-z]{0,5}){0,4}",
+        ) {
+            if let Some(rest) = prefix_rest(&prefix, &path) {
+                prop_assert!(rest.is_empty() || rest.starts_with('/'));
+                if prefix != "/" {
+                    prop_assert_eq!(format!("{prefix}{rest}"), path);
+                }
+            } else {
+                prop_assert!(prefix != "/");
+            }
+        }
+
+        #[test]
+        fn finding_a_route_never_panics(
+            routes in proptest::collection::vec(("(/[a-z]{0,4}){0,3}", proptest::option::of("[a-z.]{1,8}")), 0..5),
+            host in proptest::option::of("\\PC{0,16}"),
+            path in "\\PC{0,40}",
+        ) {
+            let routes: Vec<ProxyRoute> = routes
+                .into_iter()
+                .map(|(p, h)| ProxyRoute {
+                    host: h,
+                    path: if p.is_empty() { "/".into() } else { p },
+                    upstream: Some("http://127.0.0.1:9".into()),
+                    root: None,
+                })
+                .collect();
+            let table = ProxyTable::from_config(&routes).expect("valid routes");
+            if let Some(m) = table.find(host.as_deref(), &path) {
+                prop_assert!(path.ends_with(m.rest));
+            }
+        }
+    }
+}

@@ -303,3 +303,97 @@ mod tests {
         assert!(!is_valid_stream_sid("MZ\"1") && is_valid_stream_sid("MZ0123abc"));
     }
 }
+
+/// Property tests (issue 11): the media-stream parser takes whatever Twilio (or anyone who
+/// reaches the WebSocket) sends and never panics; what we write, a peer parses back.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON-shaped text: documented field names and events mixed with junk values, so cases
+    /// reach past the first `serde_json` error.
+    fn message() -> impl Strategy<Value = String> {
+        let event = prop_oneof![
+            Just("connected"),
+            Just("start"),
+            Just("media"),
+            Just("mark"),
+            Just("dtmf"),
+            Just("stop"),
+            Just("clear"),
+            Just(""),
+        ];
+        let value = prop_oneof![
+            Just("null".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| format!("{n:?}")),
+            "\\PC{0,12}".prop_map(|s| serde_json::Value::String(s).to_string()),
+            Just(r#"{"payload":"/w==","chunk":"1","timestamp":2,"track":"inbound"}"#.to_owned()),
+            Just(r#"{"name":"m1"}"#.to_owned()),
+            Just(r#"{"track":"inbound_track","digit":"5"}"#.to_owned()),
+            Just(r#"{"accountSid":"AC","streamSid":"MZ","callSid":"CA","tracks":[],"customParameters":{"a":"b"}}"#.to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+        ];
+        let key = prop_oneof![
+            Just("sequenceNumber"),
+            Just("streamSid"),
+            Just("start"),
+            Just("media"),
+            Just("mark"),
+            Just("dtmf"),
+            Just("stop"),
+            Just("x"),
+        ];
+        (event, proptest::collection::vec((key, value), 0..5)).prop_map(|(event, fields)| {
+            let mut s = format!("{{\"event\":\"{event}\"");
+            for (k, v) in fields {
+                s.push_str(&format!(",\"{k}\":{v}"));
+            }
+            s.push('}');
+            s
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_text_never_panics(s in "\\PC{0,200}") {
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn json_shaped_messages_never_panic(s in message()) {
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn written_frames_parse_back(
+            sid in "[A-Za-z0-9_-]{1,64}",
+            payload in proptest::collection::vec(any::<u8>(), 0..400),
+            name in "[A-Za-z0-9]{1,16}",
+        ) {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&payload);
+            prop_assert!(is_valid_stream_sid(&sid) && is_base64(&b64));
+            let mut buf = String::new();
+            write_media(&mut buf, &sid, &b64);
+            match parse(&buf) {
+                Ok((Event::Media(m), None)) => prop_assert_eq!(&*m.payload, b64.as_str()),
+                other => prop_assert!(false, "{other:?}"),
+            }
+            buf.clear();
+            write_mark(&mut buf, &sid, &name);
+            match parse(&buf) {
+                Ok((Event::Mark(n), None)) => prop_assert_eq!(&*n, name.as_str()),
+                other => prop_assert!(false, "{other:?}"),
+            }
+            buf.clear();
+            write_clear(&mut buf, &sid);
+            let v: serde_json::Value = serde_json::from_str(&buf).expect("valid JSON");
+            prop_assert_eq!(v["streamSid"].as_str(), Some(sid.as_str()));
+        }
+    }
+}

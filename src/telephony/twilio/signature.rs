@@ -205,3 +205,71 @@ mod tests {
         assert!(!validate("", URL, &params(), &compute("", URL, &params())));
     }
 }
+
+/// Property tests (issue 11): whatever we sign verifies, under every URL spelling Twilio may
+/// have signed, and nothing else does; arbitrary input never panics.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec(("[A-Za-z]{1,8}", "\\PC{0,12}"), 0..6)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn what_we_sign_verifies(
+            token in "[A-Za-z0-9]{1,40}",
+            url in "\\PC{0,80}",
+            params in params(),
+        ) {
+            let sig = compute(&token, &url, &params);
+            prop_assert!(validate(&token, &url, &params, &sig));
+            // Parameter order is not part of the signature.
+            let mut reversed = params.clone();
+            reversed.reverse();
+            prop_assert!(validate(&token, &url, &reversed, &sig));
+            // Another token, another URL or another value does not verify.
+            let other_token = token.clone() + "x";
+            let other_url = url.clone() + "/x";
+            prop_assert!(!validate(&other_token, &url, &params, &sig));
+            prop_assert!(!validate(&token, &other_url, &params, &sig));
+            let mut changed = params.clone();
+            changed.push(("Injected_1".into(), "1".into()));
+            prop_assert!(!validate(&token, &url, &changed, &sig));
+        }
+
+        #[test]
+        fn port_spellings_verify_both_ways(
+            token in "[A-Za-z0-9]{1,40}",
+            scheme in prop_oneof![Just("https"), Just("http")],
+            host in "[a-z0-9.-]{1,20}|\\[[0-9a-f:]{2,12}\\]",
+            path in "(/[A-Za-z0-9._~%-]{0,10}){0,4}(\\?[A-Za-z0-9=&]{0,20})?",
+            params in params(),
+        ) {
+            let port = if scheme == "https" { 443 } else { 80 };
+            let bare = format!("{scheme}://{host}{path}");
+            let ported = format!("{scheme}://{host}:{port}{path}");
+            let sig = compute(&token, &bare, &params);
+            prop_assert!(validate(&token, &ported, &params, &sig), "{ported}");
+            let sig = compute(&token, &ported, &params);
+            prop_assert!(validate(&token, &bare, &params, &sig), "{bare}");
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics(
+            token in "\\PC{0,20}",
+            url in "\\PC{0,80}|[a-z]{1,5}://[^/]{0,20}(/\\PC{0,20})?",
+            sig in "\\PC{0,40}",
+            params in params(),
+        ) {
+            let _ = validate(&token, &url, &params, &sig);
+            let variants = url_variants(&url);
+            prop_assert!(!variants.is_empty() && variants.len() <= 3);
+            prop_assert_eq!(&variants[0], &url);
+        }
+    }
+}

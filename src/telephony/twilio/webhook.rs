@@ -90,3 +90,83 @@ mod tests {
         assert!(status_update(&p(&[("CallStatus", "bogus")])).is_none());
     }
 }
+
+/// Property tests (issue 11): any form body parses into our types without panicking, and a
+/// form we encode and sign verifies after the round trip through the wire encoding.
+#[cfg(test)]
+mod props {
+    use super::super::signature;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn field() -> impl Strategy<Value = (String, String)> {
+        let name = prop_oneof![
+            Just("CallStatus".to_owned()),
+            Just("CallSid".to_owned()),
+            Just("To".to_owned()),
+            Just("From".to_owned()),
+            Just("AnsweredBy".to_owned()),
+            Just("SequenceNumber".to_owned()),
+            Just("CallDuration".to_owned()),
+            Just("SipResponseCode".to_owned()),
+            "\\PC{0,8}",
+        ];
+        let value = prop_oneof![
+            Just("failed".to_owned()),
+            Just("in-progress".to_owned()),
+            Just("completed".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "\\PC{0,16}",
+        ];
+        (name, value)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let params: Vec<(String, String)> =
+                form_urlencoded::parse(&body).into_owned().collect();
+            let _ = status_update(&params);
+            let _ = answer_update(&params);
+            let _ = amd_update(&params);
+            let _ = inbound_call(&params);
+        }
+
+        #[test]
+        fn forms_map_as_documented(fields in proptest::collection::vec(field(), 0..8)) {
+            let first = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let inbound = inbound_call(&fields);
+            prop_assert_eq!(
+                inbound.is_some(),
+                first("To").is_some() && first("From").is_some() && first("CallSid").is_some()
+            );
+            let status = first("CallStatus").as_deref().and_then(map_twilio_status);
+            match status_update(&fields) {
+                Some(u) => {
+                    prop_assert_eq!(u.status, status);
+                    prop_assert!(u.error.is_none() || status == Some(CallStatus::Failed));
+                }
+                None => prop_assert!(status.is_none()),
+            }
+            prop_assert_eq!(amd_update(&fields).and_then(|u| u.answered_by), first("AnsweredBy"));
+        }
+
+        #[test]
+        fn signed_forms_survive_the_wire(
+            token in "[A-Za-z0-9]{1,32}",
+            fields in proptest::collection::vec(field(), 0..8),
+        ) {
+            let url = "https://voice.example.com/twilio/status?call=c_1";
+            let sig = signature::compute(&token, url, &fields);
+            let body = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&fields)
+                .finish();
+            let parsed: Vec<(String, String)> =
+                form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+            prop_assert_eq!(&parsed, &fields);
+            prop_assert!(signature::validate(&token, url, &parsed, &sig));
+        }
+    }
+}
