@@ -64,6 +64,7 @@ pub async fn run(m: Arc<Shared>) {
                         JobKind::Webhook => deliver(&m, &http, &job).await,
                         JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
                         JobKind::Reconcile => reconcile(&m, &job).await,
+                        JobKind::CampaignCompleted => campaign_completed(&m, &http, &job).await,
                     };
                     record(&m, &job, outcome).await;
                     let _ = id;
@@ -168,6 +169,55 @@ async fn deliver(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, 
         } else {
             "connection failed".into()
         }),
+    }
+}
+
+/// The tenant's `campaign.completed` webhook; the campaign id is in the job's dedupe key.
+async fn campaign_completed(m: &Shared, http: &reqwest::Client, job: &Job) -> Result<Next, String> {
+    let Some(key) = job.dedupe_key.clone() else {
+        return Ok(Next::Done);
+    };
+    let Some(campaign_id) = crate::store::campaigns::campaign_of_key(&key).map(str::to_owned)
+    else {
+        return Ok(Next::Done);
+    };
+    let loaded = m
+        .store
+        .run(move |c| {
+            let campaign = crate::store::campaigns::get(c, None, &campaign_id)?;
+            let tenant = tenants::get_by_id(c, campaign.tenant_id)?;
+            Ok((tenant, campaign))
+        })
+        .await;
+    let (tenant, campaign) = match loaded {
+        Ok(x) => x,
+        Err(StoreError::NotFound(_)) => return Ok(Next::Done),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (Some(url), Some(secret)) = (tenant.webhook_url, tenant.webhook_secret) else {
+        return Ok(Next::Done);
+    };
+    let body = serde_json::json!({
+        "id": key,
+        "type": "campaign.completed",
+        "created_at": crate::domain::timefmt::rfc3339(now_ms()),
+        "campaign": campaign,
+    })
+    .to_string()
+    .into_bytes();
+    let sig = signature(&secret, now_ms() / 1000, &body);
+    let res = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-voicectl-event-id", &key)
+        .header("x-voicectl-signature", sig)
+        .body(body)
+        .send()
+        .await;
+    match res {
+        Ok(r) if r.status().is_success() => Ok(Next::Done),
+        Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
+        Err(_) => Err("connection failed".into()),
     }
 }
 

@@ -46,9 +46,30 @@ pub struct Config {
     pub ultravox: UltravoxConfig,
     pub limits: LimitsConfig,
     pub proxy: Vec<ProxyRoute>,
+    pub campaigns: CampaignsConfig,
     /// Where the file came from; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[campaigns]`: limits of campaign imports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CampaignsConfig {
+    /// Largest recipient upload (`POST /campaigns/{id}/recipients`), in bytes. This route is
+    /// exempt from `server.max_body_bytes`.
+    pub max_upload_bytes: usize,
+    /// Most recipients one campaign may hold.
+    pub max_recipients: u64,
+}
+
+impl Default for CampaignsConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 256 * 1024 * 1024,
+            max_recipients: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -71,6 +92,18 @@ pub struct ServerConfig {
     pub metrics_allow: Vec<String>,
     /// Proxies/load balancers whose `X-Forwarded-For` names the real client.
     pub trusted_proxies: Vec<String>,
+    /// Lines campaigns never take, so inbound calls are answered while a campaign runs at full
+    /// speed. Unset: 5 % of `max_concurrent_calls` (at least 1).
+    pub inbound_reserve: Option<u32>,
+}
+
+impl ServerConfig {
+    /// The lines kept free of campaign calls.
+    pub fn inbound_reserve(&self) -> u32 {
+        self.inbound_reserve
+            .unwrap_or_else(|| (self.max_concurrent_calls / 20).max(1))
+            .min(self.max_concurrent_calls)
+    }
 }
 
 impl Default for ServerConfig {
@@ -89,6 +122,7 @@ impl Default for ServerConfig {
             queue_timeout: HumanDuration::from_secs(10 * 60),
             metrics_allow: Vec::new(),
             trusted_proxies: Vec::new(),
+            inbound_reserve: None,
         }
     }
 }
@@ -519,6 +553,14 @@ impl Config {
             return Err(bad(
                 "server.max_concurrent_calls",
                 "must be at least 1".into(),
+            ));
+        }
+        if s.inbound_reserve
+            .is_some_and(|r| r >= s.max_concurrent_calls)
+        {
+            return Err(bad(
+                "server.inbound_reserve",
+                "must be below server.max_concurrent_calls".into(),
             ));
         }
         if s.max_body_bytes < 1024 {

@@ -2,6 +2,7 @@
 
 mod api;
 mod calls;
+mod campaigns;
 mod cli;
 mod e2e;
 mod engines;
