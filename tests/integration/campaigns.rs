@@ -553,3 +553,76 @@ async fn kill_9_mid_campaign_then_restart_dials_nobody_twice_and_forgets_nobody(
         "{recips:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_campaign_and_dnc_commands() {
+    let (_sim, install, _key) = setup(5.0).await;
+    let _server = Server::start(&install);
+    let csv = install.dir.path().join("list.csv");
+    std::fs::write(
+        &csv,
+        "to,name\n+14155550601,Ann\n+14155550602,Bo\nnope,Cy\n",
+    )
+    .unwrap();
+    let dnc = install.dir.path().join("dnc.txt");
+    std::fs::write(&dnc, "+14155550602\n+14155550603\n").unwrap();
+    let out = install.json(&["dnc", "import", dnc.to_str().unwrap(), "--tenant", "acme"]);
+    assert_eq!(out["added"], 2, "{out}");
+    let created = install.json(&[
+        "campaign",
+        "create",
+        "spring",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--tenant",
+        "acme",
+        "--greeting",
+        "Hi {{name}}",
+        "--hours",
+        "09:00-20:00",
+        "--max-concurrent",
+        "2",
+        "--paused",
+    ]);
+    let id = created["campaign"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["import"]["accepted"], 1, "{created}");
+    assert_eq!(created["import"]["suppressed"], 1, "{created}");
+    assert_eq!(created["import"]["rejected"][0]["row"], 4, "{created}");
+    let human = install.ok(&["campaign", "show", &id]);
+    assert!(
+        human.contains("09:00-20:00") && human.contains("paused"),
+        "{human}"
+    );
+    let list = install.json(&["campaign", "list"]);
+    assert_eq!(list["campaigns"][0]["id"], id.as_str());
+    let canceled = install.json(&["campaign", "cancel", &id]);
+    assert_eq!(canceled["status"], "canceled");
+    assert_eq!(canceled["progress"]["canceled"], 1);
+    let results = install.dir.path().join("results.csv");
+    install.ok(&["campaign", "results", &id, "-o", results.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&results).unwrap();
+    assert!(text.contains("+14155550601,Ann,canceled"), "{text}");
+    // Bad input is an error and changes nothing.
+    let err = install.fails(&[
+        "campaign",
+        "create",
+        "x",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--tenant",
+        "acme",
+        "--hours",
+        "06:00-20:00",
+    ]);
+    assert!(err.contains("08:00-21:00"), "{err}");
+    install.ok(&["dnc", "rm", "+14155550603", "--tenant", "acme"]);
+    let list = install.json(&["dnc", "list", "--tenant", "acme"]);
+    assert_eq!(list["numbers"], json!(["+14155550602"]));
+    assert_eq!(
+        install.json(&["campaign", "list"])["campaigns"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
