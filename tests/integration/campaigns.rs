@@ -626,3 +626,155 @@ async fn cli_campaign_and_dnc_commands() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_numbers_dnc_at_dial_time_large_uploads_and_the_completed_webhook() {
+    use axum::routing::post;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        post(move |body: axum::body::Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, receiver).await.unwrap() });
+
+    let (sim, install, key) = setup(10.0).await;
+    install.ok(&["tenant", "update", "acme", "--webhook-url", &url]);
+    let server = Server::start(&install);
+    let api = Api::new(&server, &key);
+    let id = api
+        .create(
+            json!({"name": "big", "paused": true, "calls_per_second": 5.0,
+            "days": ["mon","tue","wed","thu","fri","sat","sun"]}),
+        )
+        .await;
+    let hour = Utc::now().hour() as i32;
+    let o = (13 - hour).rem_euclid(24);
+    let tz = etc_zone(if o > 12 { o - 24 } else { o });
+    // Far above the API's 64 KiB body limit: 3 dialable rows, then 4,000 rejected ones.
+    let mut csv = format!(
+        "to,timezone,note\n+14155550701,{tz},a\n+14155550702,{tz},b\n+14155550703,{tz},c\n"
+    );
+    for _ in 0..4000 {
+        csv.push_str("not-a-number,,padding padding padding padding\n");
+    }
+    assert!(csv.len() > 150_000);
+    let (s, v) = api.csv(&id, csv).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["accepted"], 3);
+    assert_eq!(v["rejected"].as_array().unwrap().len(), 4000);
+    // On the list after import: suppressed right before its dial.
+    let (s, _) = api.post("/dnc", json!({"numbers": ["+14155550703"]})).await;
+    assert_eq!(s, 200);
+    // The carrier refuses the first creation (21211): failed at once, never retried.
+    sim.fail_next_creates(1, 400, 21211);
+    let (s, _) = api
+        .post(&format!("/campaigns/{id}/resume"), json!({}))
+        .await;
+    assert_eq!(s, 200);
+    let c = api
+        .wait(&id, Duration::from_secs(20), |c| c["status"] == "completed")
+        .await;
+    assert_eq!(c["progress"]["failed"], 1, "{c}");
+    assert_eq!(c["progress"]["done"], 1, "{c}");
+    assert_eq!(c["progress"]["suppressed"], 1, "{c}");
+    let recips = api.recipients(&id).await;
+    let refused = recips
+        .iter()
+        .find(|r| r["state"] == "failed")
+        .expect("a failed recipient");
+    assert_eq!(refused["last_outcome"], "invalid_number", "{refused}");
+    assert_eq!(refused["attempts"], 1);
+    assert!(!dialed(&sim).contains_key("+14155550703"));
+    // The campaign call's webhook carries the campaign; then campaign.completed.
+    let mut kinds = Vec::new();
+    while !kinds.contains(&"campaign.completed".to_owned()) {
+        let ev = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .expect("campaign.completed webhook")
+            .unwrap();
+        if ev["type"] == "call.ended" {
+            assert_eq!(ev["call"]["metadata"]["campaign_id"], id.as_str(), "{ev}");
+            assert!(
+                ev["call"]["metadata"]["recipient"]["to"].is_string(),
+                "{ev}"
+            );
+        } else {
+            assert_eq!(ev["campaign"]["id"], id.as_str(), "{ev}");
+            assert_eq!(ev["campaign"]["status"], "completed", "{ev}");
+        }
+        kinds.push(ev["type"].as_str().unwrap().to_owned());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_leave_the_inbound_reserve_free() {
+    let (sim, install, key) = setup(10.0).await;
+    let cfg = std::fs::read_to_string(&install.config).unwrap().replace(
+        "max_concurrent_calls = 20\ninbound_reserve = 2",
+        "max_concurrent_calls = 3\ninbound_reserve = 1",
+    );
+    std::fs::write(&install.config, cfg).unwrap();
+    sim.set_default_scenario(Scenario::answer(CallerScript::new(vec![
+        Step::Silence(1500),
+        Step::Hangup,
+    ])));
+    let server = Server::start(&install);
+    let api = Api::new(&server, &key);
+    let id = api
+        .create(json!({"name": "reserve", "days": ["mon","tue","wed","thu","fri","sat","sun"]}))
+        .await;
+    let hour = Utc::now().hour() as i32;
+    let o = (13 - hour).rem_euclid(24);
+    let tz = etc_zone(if o > 12 { o - 24 } else { o });
+    let mut csv = String::from("to,timezone\n");
+    for i in 1..=4 {
+        csv.push_str(&format!("+141555508{i:02},{tz}\n"));
+    }
+    api.csv(&id, csv).await;
+    api.wait(&id, Duration::from_secs(10), |c| {
+        c["progress"]["dialing"].as_i64().unwrap() + c["progress"]["in_call"].as_i64().unwrap() == 2
+    })
+    .await;
+    // The third line is free for anything else: an API call is placed at once.
+    let (s, call) = api.post("/calls", json!({"to": "+14155550899"})).await;
+    assert_eq!(s, 201, "{call}");
+    let end = Instant::now() + Duration::from_secs(5);
+    while !dialed(&sim).contains_key("+14155550899") {
+        assert!(
+            Instant::now() < end,
+            "the API call waited behind the campaign"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = api
+        .wait(&id, Duration::from_secs(30), |c| c["status"] == "completed")
+        .await;
+    assert_eq!(c["progress"]["done"], 4, "{c}");
+    // Never more than two campaign calls at once.
+    let spans: Vec<(SystemTime, SystemTime)> = sim
+        .calls()
+        .iter()
+        .filter(|c| c.to != "+14155550899")
+        .map(|c| {
+            (
+                c.created_at,
+                c.created_at + Duration::from_millis(c.ended_at_ms.unwrap_or(60_000)),
+            )
+        })
+        .collect();
+    for (start, _) in &spans {
+        let live = spans
+            .iter()
+            .filter(|(s, e)| s <= start && start < e)
+            .count();
+        assert!(live <= 2, "{live} campaign calls at once");
+    }
+}
