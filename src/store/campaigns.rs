@@ -231,11 +231,11 @@ pub fn list(conn: &Connection, scope: Visible) -> Result<Vec<Campaign>> {
     Ok(out)
 }
 
-/// Counts per state through the `(campaign_id, state)` index: a covering index walk.
+/// Counts per state, from `campaign_counts` (kept by triggers in the same transactions as
+/// the recipients' changes, so they always add up).
 pub fn state_counts(conn: &Connection, id: &str) -> Result<HashMap<RecipientState, i64>> {
-    let mut st = conn.prepare_cached(
-        "SELECT state, COUNT(*) FROM campaign_recipients WHERE campaign_id = ?1 GROUP BY state",
-    )?;
+    let mut st =
+        conn.prepare_cached("SELECT state, n FROM campaign_counts WHERE campaign_id = ?1")?;
     let mut out = HashMap::new();
     for row in st.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
         let (s, n) = row?;
@@ -836,4 +836,84 @@ pub fn dnc_remove(conn: &Connection, tenant_id: i64, number: &str) -> Result<()>
         return Err(StoreError::NotFound("number on the do-not-call list"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tenants::{self, TenantPatch};
+    use crate::store::test_store;
+
+    #[test]
+    fn counts_follow_every_change_and_add_up() {
+        let (_d, store) = test_store();
+        store
+            .blocking(|c| {
+                let t = tenants::create(
+                    c,
+                    TenantPatch {
+                        name: Some("a".into()),
+                        ..Default::default()
+                    },
+                )?;
+                let id = CampaignId::generate();
+                create(
+                    c,
+                    &NewCampaign {
+                        id: id.clone(),
+                        tenant_id: t.id,
+                        name: "x".into(),
+                        paused: true,
+                        settings: serde_json::json!({}),
+                        hours_start: 480,
+                        hours_end: 1260,
+                        days: 0x7f,
+                        max_concurrent: 5,
+                        calls_per_second: 1.0,
+                        retry: RetryPolicy::default(),
+                    },
+                )?;
+                dnc_add(c, t.id, &["+14155550103".into()])?;
+                let rows: Vec<NewRecipient> = [
+                    "+14155550101",
+                    "+14155550102",
+                    "+14155550101",
+                    "+14155550103",
+                ]
+                .iter()
+                .map(|n| NewRecipient {
+                    to: (*n).into(),
+                    timezone: None,
+                    vars: "{}".into(),
+                    metadata: "{}".into(),
+                })
+                .collect();
+                let added = add_recipients(c, id.as_str(), t.id, &rows)?;
+                assert_eq!(
+                    added,
+                    AddCounts {
+                        accepted: 2,
+                        duplicates: 1,
+                        suppressed: 1
+                    }
+                );
+                let due = due(c, id.as_str(), i64::MAX, 10)?;
+                reschedule(c, due[0].id, now_ms() + 1000)?;
+                let g = get(c, Some(t.id), id.as_str())?;
+                assert_eq!(
+                    (
+                        g.progress.pending,
+                        g.progress.scheduled,
+                        g.progress.suppressed,
+                        g.progress.total
+                    ),
+                    (1, 1, 1, 3)
+                );
+                let g = set_status(c, None, id.as_str(), CampaignStatus::Canceled)?;
+                assert_eq!((g.progress.canceled, g.progress.total), (2, 3));
+                assert!(get(c, Some(t.id + 1), id.as_str()).is_err());
+                Ok(())
+            })
+            .unwrap();
+    }
 }
