@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -586,7 +586,7 @@ pub fn start_attempt(
 
 /// Marks the campaign completed (and queues `campaign.completed`) once every recipient is
 /// final. Runs inside the caller's transaction.
-fn maybe_complete(tx: &Transaction<'_>, campaign_id: &str) -> Result<()> {
+fn maybe_complete(tx: &Connection, campaign_id: &str) -> Result<()> {
     let open: bool = tx
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM campaign_recipients WHERE campaign_id = ?1 \
@@ -636,8 +636,9 @@ pub fn campaign_of_key(key: &str) -> Option<&str> {
 }
 
 /// A campaign call changed state: moves its recipient on. Runs inside the transaction that
-/// changes the call, so both commit together.
-pub fn on_call_status(tx: &Transaction<'_>, call_id: &str, status: CallStatus) -> Result<()> {
+/// changes the call (`calls::transition_with`, and the answer path's move to `in_progress`),
+/// so both commit together.
+pub fn on_call_status(tx: &Connection, call_id: &str, status: CallStatus) -> Result<()> {
     type Row = (
         Option<String>,
         Option<i64>,
@@ -912,6 +913,95 @@ mod tests {
                 let g = set_status(c, None, id.as_str(), CampaignStatus::Canceled)?;
                 assert_eq!((g.progress.canceled, g.progress.total), (2, 3));
                 assert!(get(c, Some(t.id + 1), id.as_str()).is_err());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_campaign_call_moves_its_recipient_in_the_calls_own_transactions() {
+        use crate::store::calls::{Transition, transition};
+        let (_d, store) = test_store();
+        store
+            .blocking(|c| {
+                let t = tenants::create(
+                    c,
+                    TenantPatch {
+                        name: Some("a".into()),
+                        ..Default::default()
+                    },
+                )?;
+                let id = CampaignId::generate();
+                let mut retry = RetryPolicy::default();
+                retry.0.insert(
+                    "busy".into(),
+                    crate::domain::campaign::RetryRule {
+                        attempts: 2,
+                        after_ms: vec![1000],
+                    },
+                );
+                create(
+                    c,
+                    &NewCampaign {
+                        id: id.clone(),
+                        tenant_id: t.id,
+                        name: "x".into(),
+                        paused: false,
+                        settings: serde_json::json!({}),
+                        hours_start: 480,
+                        hours_end: 1260,
+                        days: 0x7f,
+                        max_concurrent: 5,
+                        calls_per_second: 1.0,
+                        retry,
+                    },
+                )?;
+                let one = NewRecipient {
+                    to: "+14155550101".into(),
+                    timezone: None,
+                    vars: "{}".into(),
+                    metadata: "{}".into(),
+                };
+                add_recipients(c, id.as_str(), t.id, &[one])?;
+                let call = AttemptCall {
+                    from: "+14155550100".into(),
+                    engine: "scripted".into(),
+                    system_prompt: None,
+                    greeting: None,
+                    voice: None,
+                    machine_detection: false,
+                    metadata: serde_json::json!({}),
+                };
+                let state = |c: &Connection| -> Result<(String, Option<String>, i64)> {
+                    Ok(c.query_row(
+                        "SELECT state, last_outcome, attempts FROM campaign_recipients",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )?)
+                };
+                let dial = |c: &mut Connection| -> Result<String> {
+                    let r = due(c, id.as_str(), i64::MAX, 1)?.remove(0);
+                    match start_attempt(c, id.as_str(), t.id, r.id, &call)? {
+                        Started::Queued(call_id) => Ok(call_id),
+                        other => panic!("{other:?}"),
+                    }
+                };
+                let first = dial(c)?;
+                assert_eq!(state(c)?.0, "dialing");
+                let to = |status| Transition {
+                    status: Some(status),
+                    ..Default::default()
+                };
+                transition(c, &first, &to(CallStatus::Busy))?;
+                assert_eq!(state(c)?, ("scheduled".into(), Some("busy".into()), 1));
+                let second = dial(c)?;
+                transition(c, &second, &to(CallStatus::InProgress))?;
+                assert_eq!(state(c)?.0, "in_call");
+                transition(c, &second, &to(CallStatus::Completed))?;
+                assert_eq!(state(c)?, ("done".into(), Some("answered".into()), 2));
+                let g = get(c, None, id.as_str())?;
+                assert_eq!(g.status, CampaignStatus::Completed);
+                assert_eq!((g.progress.calls_placed, g.progress.answered), (2, 1));
                 Ok(())
             })
             .unwrap();
