@@ -250,6 +250,57 @@ async fn bad_campaigns_and_uploads_are_refused_and_store_nothing() {
     assert_eq!(c["progress"]["suppressed"], 1, "{c}");
     progress_adds_up(&c);
 
+    // JSON uploads: a recipient without a template variable refuses the whole request.
+    let (s, v) = api
+        .post(
+            &format!("/campaigns/{id}/recipients"),
+            json!({"recipients": [{"to": "+14155550105", "vars": {"name": "Eve"}},
+                                  {"to": "+14155550106"}]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("{{name}}"),
+        "{v}"
+    );
+    assert_eq!(recipient_count(&install), 3);
+    let (s, v) = api
+        .post(
+            &format!("/campaigns/{id}/recipients"),
+            json!({"recipients": [{"to": "+14155550105", "vars": {"name": "Eve"}, "metadata": {"crm": 7}},
+                                  {"to": "+1", "vars": {"name": "Bad"}}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"][0]["row"].as_u64()),
+        (Some(1), Some(2)),
+        "{v}"
+    );
+    // Paging and the state filter.
+    let (_, p1) = api
+        .get(&format!("/campaigns/{id}/recipients?limit=2"))
+        .await;
+    assert_eq!(p1["recipients"].as_array().unwrap().len(), 2);
+    let cursor = p1["next_cursor"].as_str().unwrap().to_owned();
+    let (_, p2) = api
+        .get(&format!(
+            "/campaigns/{id}/recipients?limit=2&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(p2["recipients"].as_array().unwrap().len(), 2, "{p2}");
+    assert_ne!(p1["recipients"][0]["to"], p2["recipients"][0]["to"]);
+    let (_, sup) = api
+        .get(&format!("/campaigns/{id}/recipients?state=suppressed"))
+        .await;
+    assert_eq!(sup["recipients"][0]["to"], "+14155550109", "{sup}");
+    assert_eq!(
+        api.get(&format!("/campaigns/{id}/recipients?state=bogus"))
+            .await
+            .0,
+        400
+    );
+
     // Another tenant sees none of it.
     install.ok(&["tenant", "add", "other"]);
     let other = install.json(&["key", "create", "--tenant", "other"])["key"]
@@ -272,7 +323,7 @@ async fn bad_campaigns_and_uploads_are_refused_and_store_nothing() {
         404
     );
     assert_eq!(other.csv(&id, &b"to\n+14155550199\n"[..]).await.0, 404);
-    assert_eq!(recipient_count(&install), 3);
+    assert_eq!(recipient_count(&install), 4);
 }
 
 /// `Etc/GMT-N` is UTC+N (POSIX sign), with no daylight saving.
