@@ -422,7 +422,7 @@ pub fn running(conn: &Connection) -> Result<Vec<Running>> {
 pub fn inflight(conn: &Connection, campaign_id: &str) -> Result<i64> {
     Ok(conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM campaign_recipients WHERE campaign_id = ?1 \
+            "SELECT COALESCE(SUM(n), 0) FROM campaign_counts WHERE campaign_id = ?1 \
              AND state IN ('dialing', 'in_call')",
         )?
         .query_row([campaign_id], |r| r.get(0))?)
@@ -589,8 +589,8 @@ pub fn start_attempt(
 fn maybe_complete(tx: &Connection, campaign_id: &str) -> Result<()> {
     let open: bool = tx
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM campaign_recipients WHERE campaign_id = ?1 \
-             AND state IN ('pending', 'scheduled', 'dialing', 'in_call'))",
+            "SELECT COALESCE(SUM(n), 0) > 0 FROM campaign_counts WHERE campaign_id = ?1 \
+             AND state IN ('pending', 'scheduled', 'dialing', 'in_call')",
         )?
         .query_row([campaign_id], |r| r.get(0))?;
     if open {
