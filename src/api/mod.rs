@@ -2,6 +2,7 @@
 //! router so tests drive exactly what `serve` runs.
 
 mod calls;
+mod campaigns;
 mod certs;
 mod health;
 mod ops;
@@ -32,6 +33,7 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(tenants::routes())
         .merge(calls::routes())
+        .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
@@ -52,6 +54,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(RequestBodyLimitLayer::new(max_body))
         // Outside the body limit, so its bare 413 is reshaped too.
         .route_layer(middleware::map_response(error::shape_errors))
+        // Recipient uploads: exempt from `server.max_body_bytes`, capped by their own limit.
+        .merge(
+            campaigns::upload_routes().route_layer(middleware::map_response(error::shape_errors)),
+        )
         // The dashboard answers browsers with HTML pages, its errors included, so it sits
         // outside the reshaping; its JSON endpoint answers in the SPEC shape by itself.
         .merge(ui::routes());

@@ -65,6 +65,8 @@ pub async fn run(s: Arc<Shared>) {
             continue;
         }
         let max = s.config().server.max_concurrent_calls as i64;
+        // Campaign calls stop short of the inbound reserve; API calls may use every line.
+        let campaign_max = max - s.config().server.inbound_reserve() as i64;
         let work = s
             .store
             .run(|c| {
@@ -85,9 +87,12 @@ pub async fn run(s: Arc<Shared>) {
             }
         };
         publish_gauges(&s, live, queued.len() as i64);
-        for (id, tenant_id, _) in queued {
+        for (id, tenant_id, _, from_campaign) in queued {
             if live >= max || s.is_draining() {
                 break;
+            }
+            if from_campaign && live >= campaign_max {
+                continue;
             }
             let used = per_tenant.entry(tenant_id).or_insert(0);
             if caps

@@ -135,6 +135,7 @@ impl Lane {
                     JobKind::Webhook => deliver(&m, &ctx, &job).await,
                     JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
                     JobKind::Reconcile => reconcile(&m, &job).await,
+                    JobKind::CampaignCompleted => campaign_completed(&m, &ctx, &job).await,
                 };
                 record(&m, &job, outcome).await;
                 {
@@ -312,22 +313,6 @@ async fn deliver(m: &Shared, ctx: &Ctx, job: &Job) -> Result<Next, String> {
     let (Some(url), Some(secret)) = (tenant.webhook_url, tenant.webhook_secret) else {
         return Ok(Next::Done);
     };
-    // SPEC §10: checked again on every delivery (the row may predate the rule, or have been
-    // written behind the API's back); the resolved address is checked when connecting.
-    let refused = |reason: &str, why: String| {
-        m.metrics.outbound_refused.with(&[reason]).inc();
-        tracing::warn!(tenant = %tenant.name, target = %outbound::loggable(&url), reason = %why, "webhook refused");
-        Err(format!("refused: {why}"))
-    };
-    let allow = m.config().server.allow_private_targets.clone();
-    if let Err(e) = outbound::check(&url, &allow) {
-        return refused(e.reason(), e.to_string());
-    }
-    let endpoint = endpoint_key(&url);
-    if let Err(at) = ctx.endpoints.admit(&endpoint, now_ms()) {
-        return Ok(Next::Later(at));
-    }
-    let http = WebhookClient::current(&ctx.webhook_client, &allow)?;
     let body = serde_json::json!({
         "id": event_id,
         "type": "call.ended",
@@ -337,11 +322,40 @@ async fn deliver(m: &Shared, ctx: &Ctx, job: &Job) -> Result<Next, String> {
     })
     .to_string()
     .into_bytes();
-    let sig = signature(&secret, now_ms() / 1000, &body);
+    post_signed(m, ctx, &tenant.name, &url, &secret, &event_id, body).await
+}
+
+/// POSTs one signed tenant webhook through the outbound guard and the endpoint's breaker.
+async fn post_signed(
+    m: &Shared,
+    ctx: &Ctx,
+    tenant: &str,
+    url: &str,
+    secret: &str,
+    event_id: &str,
+    body: Vec<u8>,
+) -> Result<Next, String> {
+    // SPEC §10: checked again on every delivery (the row may predate the rule, or have been
+    // written behind the API's back); the resolved address is checked when connecting.
+    let refused = |reason: &str, why: String| {
+        m.metrics.outbound_refused.with(&[reason]).inc();
+        tracing::warn!(%tenant, target = %outbound::loggable(url), reason = %why, "webhook refused");
+        Err(format!("refused: {why}"))
+    };
+    let allow = m.config().server.allow_private_targets.clone();
+    if let Err(e) = outbound::check(url, &allow) {
+        return refused(e.reason(), e.to_string());
+    }
+    let endpoint = endpoint_key(url);
+    if let Err(at) = ctx.endpoints.admit(&endpoint, now_ms()) {
+        return Ok(Next::Later(at));
+    }
+    let http = WebhookClient::current(&ctx.webhook_client, &allow)?;
+    let sig = signature(secret, now_ms() / 1000, &body);
     let res = http
-        .post(&url)
+        .post(url)
         .header("content-type", "application/json")
-        .header("x-voicectl-event-id", &event_id)
+        .header("x-voicectl-event-id", event_id)
         .header("x-voicectl-signature", sig)
         .body(body)
         .send()
@@ -349,7 +363,7 @@ async fn deliver(m: &Shared, ctx: &Ctx, job: &Job) -> Result<Next, String> {
     match res {
         Ok(r) if r.status().is_success() => {
             ctx.endpoints.success(&endpoint);
-            tracing::info!(event_id = %event_id, call_id = %call.id, "webhook delivered");
+            tracing::info!(%event_id, "webhook delivered");
             Ok(Next::Done)
         }
         // Redirects are never followed (they could point anywhere, loopback included).
@@ -380,6 +394,42 @@ async fn deliver(m: &Shared, ctx: &Ctx, job: &Job) -> Result<Next, String> {
             }
         },
     }
+}
+
+/// The tenant's `campaign.completed` webhook; the campaign id is in the job's dedupe key.
+async fn campaign_completed(m: &Shared, ctx: &Ctx, job: &Job) -> Result<Next, String> {
+    let Some(key) = job.dedupe_key.clone() else {
+        return Ok(Next::Done);
+    };
+    let Some(campaign_id) = crate::store::campaigns::campaign_of_key(&key).map(str::to_owned)
+    else {
+        return Ok(Next::Done);
+    };
+    let loaded = m
+        .store
+        .run(move |c| {
+            let campaign = crate::store::campaigns::get(c, None, &campaign_id)?;
+            let tenant = tenants::get_by_id(c, campaign.tenant_id)?;
+            Ok((tenant, campaign))
+        })
+        .await;
+    let (tenant, campaign) = match loaded {
+        Ok(x) => x,
+        Err(StoreError::NotFound(_)) => return Ok(Next::Done),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (Some(url), Some(secret)) = (tenant.webhook_url, tenant.webhook_secret) else {
+        return Ok(Next::Done);
+    };
+    let body = serde_json::json!({
+        "id": key,
+        "type": "campaign.completed",
+        "created_at": crate::domain::timefmt::rfc3339(now_ms()),
+        "campaign": campaign,
+    })
+    .to_string()
+    .into_bytes();
+    post_signed(m, ctx, &tenant.name, &url, &secret, &key, body).await
 }
 
 async fn ultravox_transcript(m: &Shared, job: &Job) -> Result<Next, String> {

@@ -65,6 +65,7 @@ impl Shared {
             self.sessions.finish(id, ev);
             self.wake.dial.notify_one();
             self.wake.jobs.notify_one();
+            self.wake.campaigns.notify_one();
         } else {
             tracing::info!(call_id = %call.id, call_sid = call.twilio_call_sid.as_deref().unwrap_or(""), status = %call.status, "call status");
             self.sessions.publish(id, ev);

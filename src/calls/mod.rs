@@ -9,11 +9,13 @@
 //!   outcome means for the call
 //! * `setup`: call -> tenant -> config resolution, and the engine session
 //! * `session`: the per-call in-memory entry (events, end signal, pre-warm, bridged)
+//! * `campaigns`: campaigns (model, import, calling hours, the scheduler feeding the dialer)
 //! * `jobs`: the durable job runner (tenant webhooks, Ultravox transcripts, reconciliation)
 //!
 //! Children share `shared::Shared` and never import from this file's facade.
 
 mod answer;
+pub mod campaigns;
 mod dialer;
 mod error;
 mod intake;
@@ -101,6 +103,36 @@ impl Calls {
     pub fn spawn_workers(&self) {
         tokio::spawn(dialer::run(self.s.clone()));
         tokio::spawn(jobs::run(self.s.clone()));
+        tokio::spawn(campaigns::scheduler::run(self.s.clone()));
+    }
+
+    /// `POST /campaigns`: validates and stores a campaign (running unless `paused`).
+    pub async fn campaign_create(
+        &self,
+        scope: Scope,
+        req: campaigns::CreateCampaignRequest,
+    ) -> Result<crate::store::campaigns::Campaign, CallError> {
+        self.s.campaign_create(scope, req).await
+    }
+
+    /// `POST /campaigns/{id}/recipients`.
+    pub async fn campaign_import(
+        &self,
+        scope: Scope,
+        id: String,
+        upload: campaigns::Upload,
+    ) -> Result<campaigns::ImportReport, CallError> {
+        self.s.campaign_import(scope, id, upload).await
+    }
+
+    /// Pause, resume or cancel a campaign.
+    pub async fn campaign_set_status(
+        &self,
+        scope: Scope,
+        id: String,
+        to: crate::domain::campaign::CampaignStatus,
+    ) -> Result<crate::store::campaigns::Campaign, CallError> {
+        self.s.campaign_set_status(scope, id, to).await
     }
 
     /// Graceful stop: no new dialing; live calls get `timeout`, then are ended politely.

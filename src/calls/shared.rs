@@ -23,6 +23,8 @@ use crate::telephony::Carrier;
 pub struct Wakers {
     pub dial: Notify,
     pub jobs: Notify,
+    /// The campaign scheduler: a campaign changed, recipients arrived or a line came free.
+    pub campaigns: Notify,
 }
 
 pub struct Shared {

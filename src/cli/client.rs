@@ -85,6 +85,70 @@ impl LocalServer {
             .await
     }
 
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let msg = body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(())
+    }
+
+    /// A non-JSON body (CSV results).
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let msg = body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(resp.bytes().await?.to_vec())
+    }
+
+    /// POSTs `data` as `content_type`, streamed in chunks; `sent(n)` after each chunk.
+    pub async fn upload(
+        &self,
+        path: &str,
+        content_type: &str,
+        data: Vec<u8>,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> anyhow::Result<Value> {
+        const CHUNK: usize = 256 * 1024;
+        let len = data.len();
+        let chunks: Vec<Vec<u8>> = data.chunks(CHUNK).map(<[u8]>::to_vec).collect();
+        let stream = futures_util::stream::iter(chunks.into_iter().map(move |c| {
+            sent(c.len() as u64);
+            Ok::<_, std::io::Error>(c)
+        }));
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .header("content-length", len)
+                .body(reqwest::Body::wrap_stream(stream)),
+        )
+        .await
+    }
+
     /// Follows a Server-Sent Events stream, calling `on_event(name, data)` per event.
     pub async fn follow(
         &self,

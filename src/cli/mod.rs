@@ -2,6 +2,7 @@
 
 mod admin;
 mod calls;
+mod campaign;
 mod cert;
 mod client;
 mod doctor;
@@ -60,6 +61,12 @@ pub enum Command {
     /// Call history and control
     #[command(subcommand)]
     Calls(calls::CallsCmd),
+    /// Campaigns: call a list within each recipient's local hours
+    #[command(subcommand)]
+    Campaign(campaign::CampaignCmd),
+    /// The tenant's do-not-call list
+    #[command(subcommand)]
+    Dnc(campaign::DncCmd),
     /// Tenant management (works whether or not the server runs)
     #[command(subcommand)]
     Tenant(admin::TenantCmd),
@@ -190,6 +197,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Call(args) => calls::call(&ctx, args),
         Command::Calls(cmd) => calls::run(&ctx, cmd),
+        Command::Campaign(cmd) => campaign::campaign(&ctx, cmd),
+        Command::Dnc(cmd) => campaign::dnc(&ctx, cmd),
         Command::Tenant(cmd) => admin::tenant(&ctx, cmd),
         Command::Key(cmd) => admin::key(&ctx, cmd),
         Command::Backup { path } => admin::backup(&ctx, &path),

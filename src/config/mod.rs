@@ -56,9 +56,30 @@ pub struct Config {
     pub deepgram: DeepgramConfig,
     pub elevenlabs: ElevenLabsConfig,
     pub llm: Vec<LlmConfig>,
+    pub campaigns: CampaignsConfig,
     /// Where the file came from; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[campaigns]`: limits of campaign imports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CampaignsConfig {
+    /// Largest recipient upload (`POST /campaigns/{id}/recipients`), in bytes. This route is
+    /// exempt from `server.max_body_bytes`.
+    pub max_upload_bytes: usize,
+    /// Most recipients one campaign may hold.
+    pub max_recipients: u64,
+}
+
+impl Default for CampaignsConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 256 * 1024 * 1024,
+            max_recipients: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -84,6 +105,18 @@ pub struct ServerConfig {
     /// Hosts (names or addresses) that tenant-supplied URLs may reach over plain http and at
     /// private/loopback addresses (SPEC §10); empty in production, loopback in tests.
     pub allow_private_targets: Vec<String>,
+    /// Lines campaigns never take, so inbound calls are answered while a campaign runs at full
+    /// speed. Unset: 5 % of `max_concurrent_calls` (at least 1).
+    pub inbound_reserve: Option<u32>,
+}
+
+impl ServerConfig {
+    /// The lines kept free of campaign calls.
+    pub fn inbound_reserve(&self) -> u32 {
+        self.inbound_reserve
+            .unwrap_or_else(|| (self.max_concurrent_calls / 20).max(1))
+            .min(self.max_concurrent_calls)
+    }
 }
 
 impl Default for ServerConfig {
@@ -103,6 +136,7 @@ impl Default for ServerConfig {
             metrics_allow: Vec::new(),
             trusted_proxies: Vec::new(),
             allow_private_targets: Vec::new(),
+            inbound_reserve: None,
         }
     }
 }
@@ -623,6 +657,14 @@ impl Config {
             return Err(bad(
                 "server.max_concurrent_calls",
                 "must be at least 1".into(),
+            ));
+        }
+        if s.inbound_reserve
+            .is_some_and(|r| r >= s.max_concurrent_calls)
+        {
+            return Err(bad(
+                "server.inbound_reserve",
+                "must be below server.max_concurrent_calls".into(),
             ));
         }
         if s.max_body_bytes < 1024 {

@@ -56,6 +56,7 @@ macro_rules! typed_id {
 
 typed_id!(CallId, "call_", 20);
 typed_id!(KeyId, "", 12);
+typed_id!(CampaignId, "cmp_", 16);
 
 #[cfg(test)]
 mod tests {

@@ -8,16 +8,24 @@ pub enum JobKind {
     UltravoxTranscript,
     /// Ask the carrier how a call ended when no callback will say.
     Reconcile,
+    /// POST the tenant's `campaign.completed` webhook (the campaign id is in the dedupe key).
+    CampaignCompleted,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 3] = [Self::Webhook, Self::UltravoxTranscript, Self::Reconcile];
+    pub const ALL: [JobKind; 4] = [
+        Self::Webhook,
+        Self::UltravoxTranscript,
+        Self::Reconcile,
+        Self::CampaignCompleted,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Webhook => "webhook",
             Self::UltravoxTranscript => "ultravox_transcript",
             Self::Reconcile => "reconcile",
+            Self::CampaignCompleted => "campaign_completed",
         }
     }
 

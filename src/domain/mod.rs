@@ -4,6 +4,7 @@
 
 pub mod apikey;
 mod call;
+pub mod campaign;
 mod engine;
 mod errors;
 pub mod event;

@@ -49,6 +49,7 @@ fn to_in_progress(conn: &Connection, id: &str) -> Result<Option<Call>> {
         "status",
         &serde_json::json!({"status": "in_progress", "end_reason": null}),
     )?;
+    crate::store::campaigns::on_call_status(conn, id, CallStatus::InProgress)?;
     Ok(Some(calls::get(conn, Scope::All, id)?))
 }
 

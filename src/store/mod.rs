@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod callpath;
 pub mod calls;
+pub mod campaigns;
 pub mod jobs;
 pub mod keys;
 mod migrations;

@@ -3,6 +3,7 @@
 mod api;
 mod browser;
 mod calls;
+mod campaigns;
 mod cli;
 mod dashboard;
 mod e2e;

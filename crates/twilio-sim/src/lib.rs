@@ -155,6 +155,26 @@ pub struct SimConfig {
     /// `X-Forwarded-Host`, as through a TLS-terminating proxy. Signatures always cover the
     /// public URL, as Twilio's would.
     pub origin_overrides: Vec<(String, String)>,
+    /// Numbers without their own scenario behave by their last four digits (see
+    /// [`convention_scenario`]), so a dev server can demonstrate every outcome.
+    pub number_conventions: bool,
+}
+
+/// The dev convention for callees, by the number's last four digits: `0486` busy, `0487` no
+/// answer (rings until the timeout), `0404` failed (unreachable), `0666` an answering machine
+/// (`machine_end_beep` when detection was asked for). Other numbers: `None`.
+pub fn convention_scenario(to: &str) -> Option<Scenario> {
+    let tail = to.get(to.len().saturating_sub(4)..)?;
+    Some(match tail {
+        "0486" => Scenario::Busy,
+        "0487" => Scenario::NoAnswer,
+        "0404" => Scenario::Failed,
+        "0666" => Scenario::Answer {
+            caller: CallerScript::new(vec![Step::Silence(3000), Step::Hangup]),
+            answered_by: Some("machine_end_beep".into()),
+        },
+        _ => return None,
+    })
 }
 
 impl SimConfig {
@@ -170,6 +190,7 @@ impl SimConfig {
             timing: Timing::fast(),
             record_audio: true,
             origin_overrides: Vec::new(),
+            number_conventions: false,
         }
     }
 }
@@ -238,6 +259,7 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
             order: Vec::new(),
             scenarios: HashMap::new(),
             default_scenario: cfg.default_scenario.clone(),
+            number_conventions: cfg.number_conventions,
             forced: VecDeque::new(),
             rest_log: Vec::new(),
             rest_latency: cfg.rest_latency,
@@ -286,6 +308,7 @@ struct State {
     order: Vec<String>,
     scenarios: HashMap<String, Scenario>,
     default_scenario: Scenario,
+    number_conventions: bool,
     forced: VecDeque<ForcedError>,
     rest_log: Vec<RestLogEntry>,
     rest_latency: Duration,
@@ -398,7 +421,13 @@ impl Inner {
 
     fn scenario_for(&self, to: &str) -> Scenario {
         let st = self.state();
-        st.scenarios.get(to).unwrap_or(&st.default_scenario).clone()
+        if let Some(s) = st.scenarios.get(to) {
+            return s.clone();
+        }
+        st.number_conventions
+            .then(|| convention_scenario(to))
+            .flatten()
+            .unwrap_or_else(|| st.default_scenario.clone())
     }
 
     /// Ends a call from outside its task: `decide` sees the current status and picks the
@@ -620,4 +649,27 @@ fn rfc2822(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&Rfc2822)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod convention_tests {
+    use super::*;
+
+    #[test]
+    fn number_conventions_pick_outcomes_by_the_last_digits() {
+        assert_eq!(convention_scenario("+14155550486"), Some(Scenario::Busy));
+        assert_eq!(
+            convention_scenario("+14155550487"),
+            Some(Scenario::NoAnswer)
+        );
+        assert_eq!(convention_scenario("+14155550404"), Some(Scenario::Failed));
+        assert!(matches!(
+            convention_scenario("+14155550666"),
+            Some(Scenario::Answer {
+                answered_by: Some(_),
+                ..
+            })
+        ));
+        assert_eq!(convention_scenario("+14155550100"), None);
+    }
 }

@@ -10,14 +10,16 @@ use crate::domain::CallStatus;
 use crate::domain::timefmt::now_ms;
 use crate::store::Result;
 
-/// Queued calls, oldest first: the dialer's work list.
-pub fn queued(conn: &Connection, limit: u32) -> Result<Vec<(String, i64, i64)>> {
+/// Queued calls, oldest first: the dialer's work list (id, tenant, created, from a campaign).
+pub fn queued(conn: &Connection, limit: u32) -> Result<Vec<(String, i64, i64, bool)>> {
     let mut st = conn.prepare_cached(
-        "SELECT id, tenant_id, created_at FROM calls WHERE status = 'queued' \
-         ORDER BY created_at, id LIMIT ?1",
+        "SELECT id, tenant_id, created_at, campaign_id IS NOT NULL FROM calls \
+         WHERE status = 'queued' ORDER BY created_at, id LIMIT ?1",
     )?;
     let out = st
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(out)
 }

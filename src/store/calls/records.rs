@@ -48,7 +48,8 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub(super) fn tenant_id(self) -> Option<i64> {
+    /// The tenant a reader is limited to (`None`: all).
+    pub fn tenant_id(self) -> Option<i64> {
         match self {
             Scope::All => None,
             Scope::Tenant(id) => Some(id),

@@ -103,6 +103,7 @@ pub fn transition_with(
                 jobs::enqueue_job(&tx, &job)?;
             }
         }
+        crate::store::campaigns::on_call_status(&tx, id, next)?;
         let reason: Option<String> =
             tx.query_row("SELECT end_reason FROM calls WHERE id = ?1", [id], |r| {
                 r.get(0)
