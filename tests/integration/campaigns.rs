@@ -22,7 +22,7 @@ async fn setup(cps: f64) -> (sim::SimHandle, Install, String) {
         &config,
         format!(
             "[server]\ndomain = \"voice.test\"\ndata_dir = {data_dir:?}\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nhttps_listen = \"\"\n\
-             drain_timeout = \"2s\"\nmax_concurrent_calls = 20\ninbound_reserve = 2\n\n[tls]\nmode = \"off\"\n\n\
+             drain_timeout = \"2s\"\nmax_concurrent_calls = 20\ninbound_reserve = 2\nallow_private_targets = [\"127.0.0.1\"]\n\n[tls]\nmode = \"off\"\n\n\
              [twilio]\naccount_sid = \"{SID}\"\nauth_token = \"{TOKEN}\"\napi_base_url = \"{}\"\nfrom_number = \"+14155550100\"\ncalls_per_second = {cps:?}\nring_timeout = \"5s\"\n\n\
              [agent]\nengine = \"scripted\"\ngreeting = \"Hi\"\n",
             sim.base_url()
