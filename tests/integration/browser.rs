@@ -646,3 +646,117 @@ async fn admin_pages_manage_tenants_and_keys_and_show_the_system() {
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_page_uploads_a_list_shows_progress_and_controls_the_campaign() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let s = e2e::stack(Opts::default()).await;
+    // Recipients where it is the middle of the night, so nobody is dialed during the test.
+    let hour = time::OffsetDateTime::now_utc().hour() as i32;
+    let offset = (3 - hour).rem_euclid(24);
+    let offset = if offset > 12 { offset - 24 } else { offset };
+    // `Etc/GMT+N` is N hours *behind* UTC.
+    let tz = match -offset {
+        0 => "Etc/GMT".to_owned(),
+        n if n > 0 => format!("Etc/GMT+{n}"),
+        n => format!("Etc/GMT{n}"),
+    };
+    let csv = tempfile::NamedTempFile::with_suffix(".csv").unwrap();
+    std::fs::write(
+        csv.path(),
+        format!(
+            "to,timezone,name\n+14155550406,{tz},Ann\n+14155550407,{tz},Bob\nnot-a-number,{tz},X\n"
+        ),
+    )
+    .unwrap();
+
+    let b = driver.browser(412, 915).await;
+    login(&b, &s, None).await;
+    b.goto(&format!("{}/ui/campaigns", s.base)).await.unwrap();
+    let form = b
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#new-campaign"))
+        .await
+        .unwrap();
+    for (name, value) in [
+        ("name", "spring"),
+        ("tenant", "acme"),
+        ("greeting", "Hi {{name}}"),
+        ("csv", csv.path().to_str().unwrap()),
+    ] {
+        form.find(Locator::Css(&format!("input[name={name}]")))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let note = wait_text(&b, "#campaign-msg", "accepted").await;
+    assert!(
+        note.contains("2 accepted") && note.contains("1 rejected"),
+        "{note}"
+    );
+    assert!(
+        note.contains("row 4"),
+        "the CSV line of the bad row: {note}"
+    );
+
+    let (_, list) = s.api(reqwest::Method::GET, "/api/v1/campaigns", None).await;
+    let c = &list["campaigns"][0];
+    assert_eq!(c["name"], "spring");
+    assert_eq!(c["progress"]["total"], 2);
+    let row = format!(
+        "#campaign-list tr[data-id=\"{}\"]",
+        c["id"].as_str().unwrap()
+    );
+    wait_text(&b, &format!("{row} .status"), "running").await;
+
+    b.find(Locator::Css(&format!("{row} button[data-action=pause]")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, &format!("{row} .status"), "paused").await;
+
+    // The page asks before canceling; the test answers yes.
+    b.execute("window.confirm = () => true", vec![])
+        .await
+        .unwrap();
+    b.find(Locator::Css(&format!("{row} button[data-action=cancel]")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, &format!("{row} .status"), "canceled").await;
+    let (_, c) = s
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{}", c["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(c["status"], "canceled", "{c}");
+    assert_eq!(c["progress"]["canceled"], 2, "{c}");
+    assert!(s.sim.calls().is_empty(), "nobody was dialed");
+    // The results file is offered from the row.
+    let href = b
+        .find(Locator::Css(&format!("{row} a[download]")))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(href.ends_with("/results.csv"), "{href}");
+}

@@ -1,7 +1,7 @@
 //! The dashboard's pages: their table (the navigation) and the HTML frame around each one.
 //! The frame is all the server renders; `assets/app.js` fills `<main data-page=…>`.
 //!
-//! Adding a page (campaigns will): one `Page` entry here, one renderer of the same `name` in
+//! Adding a page: one `Page` entry here, one renderer of the same `name` in
 //! the `PAGES` object of `assets/app.js`. The frame, navigation, login and the CSP come free.
 
 use crate::store::keys::Principal;
@@ -40,8 +40,13 @@ pub const PAGES: &[Page] = &[
         admin: false,
         nav: true,
     },
-    // Campaigns (SPEC §7, §9): add `Page { path: "/ui/campaigns", name: "campaigns", … }`
-    // here and `campaigns` in app.js's PAGES when `api/campaigns` lands.
+    Page {
+        path: "/ui/campaigns",
+        name: "campaigns",
+        title: "Campaigns",
+        admin: false,
+        nav: true,
+    },
     Page {
         path: "/ui/tenants",
         name: "tenants",

@@ -393,6 +393,139 @@ const PAGES = {
     main.append(form, out);
   },
 
+  // Campaigns (SPEC §7): create with a CSV upload (with progress), live progress,
+  // pause/resume/cancel, results download. The list refreshes every 2 s.
+  async campaigns() {
+    const msg = h("div", { id: "campaign-msg" });
+    const list = h("div", { id: "campaign-list" });
+    const bar = h("progress", { id: "upload-progress", max: 100, value: 0, hidden: true });
+    const field = (name, label, attrs = {}) => h("label", {}, label, h("input", { name, ...attrs }));
+    const form = h(
+      "form",
+      { class: "stack", id: "new-campaign" },
+      field("name", "Name", { required: true }),
+      isAdmin ? field("tenant", "Tenant", { required: true }) : null,
+      field("greeting", "Greeting (optional; {{column}} fills in a recipient's value)"),
+      h("label", {}, "System prompt (optional)", h("textarea", { name: "system_prompt", rows: 2 })),
+      field("start", "Calling hours from (recipient's local time)", { type: "time", value: "08:00" }),
+      field("end", "to", { type: "time", value: "21:00" }),
+      h("label", {}, "Recipients (CSV with a `to` column)", h("input", { name: "csv", type: "file", accept: ".csv,text/csv", required: true })),
+      h("button", { type: "submit" }, "Create and upload"),
+      bar,
+    );
+    // XMLHttpRequest rather than fetch: only it reports upload progress.
+    function upload(id, file) {
+      return new Promise((resolve, reject) => {
+        const x = new XMLHttpRequest();
+        x.open("POST", `/api/v1/campaigns/${encodeURIComponent(id)}/recipients`);
+        x.setRequestHeader("Content-Type", "text/csv");
+        x.setRequestHeader("Accept", "application/json");
+        x.upload.onprogress = (e) => {
+          if (e.lengthComputable) bar.value = Math.round((100 * e.loaded) / e.total);
+        };
+        x.onload = () => {
+          let data = null;
+          try {
+            data = JSON.parse(x.responseText);
+          } catch {
+            data = null;
+          }
+          if (x.status >= 200 && x.status < 300) resolve(data);
+          else reject(new Error((data && data.error && data.error.message) || `HTTP ${x.status}`));
+        };
+        x.onerror = () => reject(new Error("the upload failed"));
+        x.send(file);
+      });
+    }
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const fd = new FormData(form);
+      const file = fd.get("csv");
+      const body = { name: fd.get("name"), paused: true, calling_hours: { start: fd.get("start"), end: fd.get("end") } };
+      for (const k of ["tenant", "greeting", "system_prompt"]) if (fd.get(k)) body[k] = fd.get(k);
+      form.querySelector("button").disabled = true;
+      bar.hidden = false;
+      bar.value = 0;
+      try {
+        // Created paused so no one is dialed before the whole list is in; resumed after.
+        const c = await api("POST", "/campaigns", body);
+        const r = await upload(c.id, file);
+        await api("POST", `/campaigns/${encodeURIComponent(c.id)}/resume`);
+        const rejected = (r.rejected || []).map((x) => h("li", {}, `row ${x.row}: ${x.to || ""} ${x.error}`));
+        msg.replaceChildren(
+          h("p", { class: "notice" }, `Campaign ${c.name}: ${r.accepted} accepted, ${r.duplicates} duplicates, ${r.suppressed} on the do-not-call list, ${rejected.length} rejected.`),
+          rejected.length ? h("ul", { class: "rejected" }, rejected) : [],
+        );
+        form.reset();
+        await load();
+      } catch (e) {
+        msg.replaceChildren(errorBox(e));
+      } finally {
+        form.querySelector("button").disabled = false;
+        bar.hidden = true;
+      }
+    });
+    const act = (c, what) =>
+      h(
+        "button",
+        {
+          type: "button",
+          class: what === "cancel" ? "danger small" : "small",
+          "data-action": what,
+          onclick: async () => {
+            if (what === "cancel" && !confirm(`Cancel campaign ${c.name}? Recipients not yet called are dropped.`)) return;
+            try {
+              await api("POST", `/campaigns/${encodeURIComponent(c.id)}/${what}`);
+              await load();
+            } catch (e) {
+              msg.replaceChildren(errorBox(e));
+            }
+          },
+        },
+        what,
+      );
+    function row(c) {
+      const p = c.progress;
+      const final = p.done + p.failed + p.suppressed + p.canceled;
+      const open = c.status === "running" || c.status === "paused";
+      return h(
+        "tr",
+        { "data-id": c.id },
+        h("td", {}, c.name),
+        isAdmin ? h("td", {}, c.tenant) : null,
+        h("td", { class: "status" }, h("span", { class: `badge k-${c.status}` }, c.status)),
+        h("td", {}, h("progress", { max: Math.max(p.total, 1), value: final }), ` ${final} / ${p.total}`),
+        h("td", { class: "counts" }, `${p.pending + p.scheduled} waiting · ${p.dialing + p.in_call} calling · ${p.done} done · ${p.failed} failed`),
+        h("td", {}, `${p.calls_placed} placed · ${p.answered} answered · ${p.voicemail} voicemail`),
+        h("td", {}, p.eta ? when(p.eta) : "–"),
+        h(
+          "td",
+          { class: "actions" },
+          c.status === "running" ? act(c, "pause") : null,
+          c.status === "paused" ? act(c, "resume") : null,
+          open ? act(c, "cancel") : null,
+          h("a", { href: `/api/v1/campaigns/${encodeURIComponent(c.id)}/results.csv`, download: `${c.name}.csv` }, "results.csv"),
+        ),
+      );
+    }
+    async function load() {
+      try {
+        const { campaigns } = await api("GET", "/campaigns");
+        const head = ["Name", isAdmin ? "Tenant" : null, "Status", "Progress", "Recipients", "Calls", "ETA", ""].filter((x) => x !== null);
+        list.replaceChildren(
+          campaigns.length
+            ? scroll(h("table", {}, h("thead", {}, h("tr", {}, head.map((x) => h("th", {}, x)))), h("tbody", {}, campaigns.map(row))))
+            : h("p", { class: "empty" }, "No campaigns yet."),
+        );
+      } catch (e) {
+        list.replaceChildren(errorBox(e));
+      }
+    }
+    main.append(msg, list, h("h2", {}, "New campaign"), form);
+    await load();
+    setInterval(load, 2000);
+  },
+
   // Tenants and their keys (admin).
   async tenants() {
     const list = h("div");
