@@ -290,3 +290,81 @@ mod tests {
         assert!(e.message.contains("{{plan}}"), "{}", e.message);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn read(body: &[u8]) -> Result<(Vec<NewRecipient>, Vec<Rejected>), Invalid> {
+        let mut all = Vec::new();
+        let rej = csv(body, &BTreeSet::new(), 3, |b| {
+            all.extend(b);
+            Ok(())
+        })?
+        .map_err(|e| Invalid::new("store", e.to_string()))?;
+        Ok((all, rej))
+    }
+
+    /// One data row: a good or bad number, and a name that may hold a quoted comma, quote or
+    /// newline (which moves the line numbers of every later row).
+    fn row() -> impl Strategy<Value = (bool, String, u8)> {
+        (
+            any::<bool>(),
+            "[a-z]{0,6}",
+            prop_oneof![Just(0u8), Just(1), Just(2), Just(3)],
+        )
+            .prop_map(|(good, name, quirk)| {
+                let name = match quirk {
+                    1 => format!("\"{name}, jr\""),
+                    2 => format!("\"{name}\nsecond line\""),
+                    3 => format!("\"say \"\"{name}\"\"\""),
+                    _ => name,
+                };
+                (good, name, quirk)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read(&body);
+            let _ = json(&body, &BTreeSet::new());
+        }
+
+        #[test]
+        fn every_row_is_accepted_or_rejected_at_its_own_line(
+            rows in proptest::collection::vec(row(), 1..40),
+            crlf in any::<bool>(),
+            bom in any::<bool>(),
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut body = String::new();
+            if bom {
+                body.push('\u{feff}');
+            }
+            body.push_str("to,name");
+            body.push_str(eol);
+            let mut line = 2u64;
+            let mut want_bad = Vec::new();
+            for (i, (good, name, quirk)) in rows.iter().enumerate() {
+                let to = if *good { format!("+1415555{:04}", i) } else { format!("x{i}") };
+                if !good {
+                    want_bad.push((line, to.clone()));
+                }
+                body.push_str(&format!("{to},{name}{eol}"));
+                line += if *quirk == 2 { 2 } else { 1 };
+            }
+            let (ok, rej) = read(body.as_bytes()).unwrap();
+            let got_bad: Vec<(u64, String)> = rej.iter().map(|r| (r.row, r.to.clone())).collect();
+            prop_assert_eq!(got_bad, want_bad);
+            prop_assert_eq!(ok.len() + rej.len(), rows.len());
+            for r in &ok {
+                let vars: Value = serde_json::from_str(&r.vars).unwrap();
+                prop_assert!(vars.get("name").is_some());
+            }
+        }
+    }
+}
