@@ -871,6 +871,47 @@ async fn garbage_from_providers_is_survived_or_failed_over() {
 }
 
 #[tokio::test]
+async fn tts_audio_in_the_wrong_format_or_size_never_breaks_the_call() {
+    let f = Fakes::start(
+        DeepgramOpts {
+            utterances: vec!["Can you hear me".into()],
+            ..Default::default()
+        },
+        ElevenLabsOpts {
+            fault: FaultPlan::always(Fault::BadAudio),
+            ..Default::default()
+        },
+        OpenAiHttpOpts {
+            replies: vec!["Loud and clear.".into()],
+            ..Default::default()
+        },
+        OpenAiHttpOpts::default(),
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let s = pipeline_stack(&f, data.path(), |c| {
+        if let Some(p) = c.pipeline.as_mut() {
+            p.tts = vec!["elevenlabs".into(), "deepgram".into()];
+        }
+    })
+    .await;
+    let (id, ev) = run(&s, "+14155550916", conversation(), 20).await;
+    assert_eq!(statuses(&ev).last().unwrap(), "completed");
+    let call = s.get(&id).await;
+    assert_ne!(call["end_reason"], "engine_error", "{call}");
+    let t = s.transcript(&id).await;
+    assert_eq!(lines(&t, "caller"), vec!["Can you hear me"]);
+    assert!(
+        lines(&t, "agent").iter().any(|l| l == "Loud and clear."),
+        "{t:?}"
+    );
+    // The phone got agent audio, whichever voice spoke it.
+    let rec = sim_record(&s, &id).await;
+    let stream = rec.stream().unwrap();
+    assert!(!stream.agent_audio.is_empty());
+}
+
+#[tokio::test]
 async fn a_tts_socket_closed_mid_utterance_is_not_switched_and_reopens_for_the_next() {
     let f = Fakes::start(
         DeepgramOpts {

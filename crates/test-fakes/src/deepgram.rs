@@ -43,6 +43,9 @@ pub enum Fault {
     SlowFirst { ms: u64 },
     /// Send a text frame / SSE line that is not JSON first, then behave.
     Garbage,
+    /// Audio that is not what was asked for, before the real audio: a chunk that is not
+    /// base64 and a chunk of an odd size (3 bytes of μ-law silence).
+    BadAudio,
 }
 
 /// A fault and how many connections (or requests) it hits, in order; 0 means all.

@@ -315,6 +315,12 @@ async fn session(
                 let Some((chunk, span)) = queue.pop_front() else { continue };
                 if first_audio {
                     first_audio = false;
+                    if fault == Some(Fault::BadAudio) {
+                        for audio in ["%%% not base64 %%%".to_owned(), B64.encode([0xFFu8; 3])] {
+                            let msg = json!({"audio": audio, "isFinal": null});
+                            let _ = socket.send(Message::Text(Utf8Bytes::from(msg.to_string()))).await;
+                        }
+                    }
                     if let Some(Fault::CloseMidStream { after_ms }) = &fault {
                         close_at = Some(Instant::now() + Duration::from_millis(*after_ms));
                     }
