@@ -260,7 +260,17 @@ fn fill_progress(conn: &Connection, c: &mut Campaign) -> Result<()> {
             .min(c.max_concurrent as f64 / 60.0)
             .max(0.001);
         let secs = open as f64 / per_sec;
-        c.progress.eta = Some(rfc3339(now_ms() + (secs * 1000.0) as i64));
+        // No sooner than the last waiting recipient's attempt (a retry hours away, a zone
+        // whose window opens tomorrow); the partial due index answers this without a scan.
+        let last_wait: Option<i64> = conn.query_row(
+            "SELECT MAX(next_attempt_at) FROM campaign_recipients \
+             WHERE campaign_id = ?1 AND state IN ('pending', 'scheduled')",
+            [&c.id],
+            |r| r.get(0),
+        )?;
+        let paced = now_ms() + (secs * 1000.0) as i64;
+        let eta = last_wait.map_or(paced, |w| paced.max(w + 60_000));
+        c.progress.eta = Some(rfc3339(eta));
     } else if c.status == CampaignStatus::Completed {
         c.progress.eta = c.completed_at.clone();
     }
@@ -910,6 +920,12 @@ mod tests {
                     ),
                     (1, 1, 1, 3)
                 );
+                // The ETA is never before a waiting recipient's next attempt.
+                let later = now_ms() + 7_200_000;
+                reschedule(c, due[0].id, later)?;
+                let g = set_status(c, None, id.as_str(), CampaignStatus::Running)?;
+                let eta = g.progress.eta.clone().unwrap();
+                assert!(eta > rfc3339(later), "{eta}");
                 let g = set_status(c, None, id.as_str(), CampaignStatus::Canceled)?;
                 assert_eq!((g.progress.canceled, g.progress.total), (2, 3));
                 assert!(get(c, Some(t.id + 1), id.as_str()).is_err());
