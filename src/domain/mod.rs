@@ -11,6 +11,7 @@ pub mod event;
 pub mod ids;
 mod job;
 pub mod layout;
+pub mod markup;
 pub mod net;
 pub mod phone;
 pub mod phrases;

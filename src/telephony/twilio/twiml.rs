@@ -2,23 +2,7 @@
 
 use crate::telephony::Script;
 
-/// Escapes text for XML content and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            // Control characters other than tab/newline are not allowed in XML 1.0.
-            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::domain::markup::escape;
 
 const HEADER: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>";
 
@@ -77,7 +61,7 @@ mod tests {
             x.contains("url=\"wss://h/media?x=1&amp;y=&quot;2&quot;\""),
             "{x}"
         );
-        assert!(x.contains("value=\"a&lt;b&gt;&amp;&apos;c&apos;\""), "{x}");
+        assert!(x.contains("value=\"a&lt;b&gt;&amp;&#39;c&#39;\""), "{x}");
         let s = say_hangup("Sorry </Say><Dial>+1900</Dial>\u{1}");
         assert!(!s.contains("<Dial>") && !s.contains('\u{1}'), "{s}");
     }
