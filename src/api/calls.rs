@@ -2,14 +2,14 @@
 
 use std::convert::Infallible;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::{get, post};
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
@@ -17,18 +17,57 @@ use crate::calls::CallStatus;
 use crate::calls::{CallError, CallEvent, CreateCallRequest};
 use crate::domain::RateLimited;
 use crate::domain::timefmt;
+use crate::http::openapi::Errors;
 use crate::store::calls::{self, Call, Cursor, ListQuery, Scope};
+use crate::store::calls::{Analytics, TranscriptEntry};
 use crate::store::tenants;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/calls", get(list).post(create))
-        .route("/calls/active", get(active))
-        .route("/calls/analytics", get(analytics))
-        .route("/calls/{id}", get(show))
-        .route("/calls/{id}/end", post(end))
-        .route("/calls/{id}/transcript", get(transcript))
-        .route("/calls/{id}/events", get(events))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(active))
+        .routes(routes!(analytics))
+        .routes(routes!(show))
+        .routes(routes!(end))
+        .routes(routes!(transcript))
+        .routes(routes!(events))
+}
+
+#[derive(Serialize, ToSchema)]
+struct CallPage {
+    calls: Vec<Call>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ActiveCalls {
+    calls: Vec<Call>,
+}
+
+/// One Server-Sent Event of `GET /calls/{id}/events`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Describes the stream axum writes; never built as a value.
+struct CallEventMessage {
+    /// `status` or `transcript`.
+    event: EventName,
+    /// The event as JSON: `{"type": "status", "status", "end_reason"?}` or
+    /// `{"type": "transcript", "speaker", "text", "at_ms"}`.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum EventName {
+    Status,
+    Transcript,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Transcript {
+    entries: Vec<TranscriptEntry>,
 }
 
 impl From<CallError> for ApiError {
@@ -59,6 +98,12 @@ impl From<CallError> for ApiError {
     }
 }
 
+/// Queues an outbound call (SPEC §3). The `Idempotency-Key` header makes a retry return the
+/// call it created (200) instead of a new one.
+#[utoipa::path(post, path = "/calls", tag = "calls", request_body = CreateCallRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 characters")),
+    responses((status = 201, body = Call, description = "Queued"),
+        (status = 200, body = Call, description = "A retry with the same Idempotency-Key"), Errors))]
 async fn create(
     State(s): State<AppState>,
     auth: Auth,
@@ -90,6 +135,9 @@ async fn create(
     ))
 }
 
+/// Ends a call (hangs up, or cancels it while queued).
+#[utoipa::path(post, path = "/calls/{id}/end", tag = "calls", params(("id" = String, Path)),
+    responses((status = 200, body = Call), Errors))]
 async fn end(
     State(s): State<AppState>,
     auth: Auth,
@@ -98,37 +146,49 @@ async fn end(
     Ok(Json(s.calls().end(auth.scope(), &id, "api_end").await?))
 }
 
+/// What was said on the call, in order.
+#[utoipa::path(get, path = "/calls/{id}/transcript", tag = "calls", params(("id" = String, Path)),
+    responses((status = 200, body = Transcript), Errors))]
 async fn transcript(
     State(s): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Transcript>, ApiError> {
     let scope = auth.scope();
     let entries = s
         .store()
         .read(move |c| calls::transcript(c, scope, &id))
         .await?;
-    Ok(Json(json!({ "entries": entries })))
+    Ok(Json(Transcript { entries }))
 }
 
-async fn active(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+/// Calls ringing or in progress.
+#[utoipa::path(get, path = "/calls/active", tag = "calls",
+    responses((status = 200, body = ActiveCalls), Errors))]
+async fn active(State(s): State<AppState>, auth: Auth) -> Result<Json<ActiveCalls>, ApiError> {
     let scope = auth.scope();
-    let live = s.store().read(move |c| calls::active(c, scope)).await?;
-    Ok(Json(json!({ "calls": live })))
+    let calls = s.store().read(move |c| calls::active(c, scope)).await?;
+    Ok(Json(ActiveCalls { calls }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AnalyticsParams {
+    /// RFC 3339 time or an age such as `24h`.
     since: Option<String>,
+    /// Admin only: one tenant.
     tenant: Option<String>,
 }
 
+/// Counts, success rate and latency percentiles.
+#[utoipa::path(get, path = "/calls/analytics", tag = "calls", params(AnalyticsParams),
+    responses((status = 200, body = Analytics), Errors))]
 async fn analytics(
     State(s): State<AppState>,
     auth: Auth,
     Query(p): Query<AnalyticsParams>,
-) -> Result<Json<calls::Analytics>, ApiError> {
+) -> Result<Json<Analytics>, ApiError> {
     let since = p
         .since
         .as_deref()
@@ -158,6 +218,9 @@ async fn analytics(
 
 /// Server-Sent Events: the call's history so far (status changes, transcript lines), then
 /// live events until it ends. A finished call replays its history and closes.
+#[utoipa::path(get, path = "/calls/{id}/events", tag = "calls", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream", body = CallEventMessage,
+        description = "`status` and `transcript` events, JSON data"), Errors))]
 async fn events(
     State(s): State<AppState>,
     auth: Auth,
@@ -267,21 +330,28 @@ async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
+    /// Only calls in this status.
     status: Option<String>,
+    /// 1–200 (default 50).
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Admin only: restrict to one tenant.
     tenant: Option<String>,
 }
 
+/// Calls, newest first, a page at a time.
+#[utoipa::path(get, path = "/calls", tag = "calls", params(ListParams),
+    responses((status = 200, body = CallPage), Errors))]
 async fn list(
     State(s): State<AppState>,
     auth: Auth,
     Query(p): Query<ListParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallPage>, ApiError> {
     let status = p
         .status
         .as_deref()
@@ -329,12 +399,15 @@ async fn list(
             )
         })
         .await?;
-    Ok(Json(json!({
-        "calls": page,
-        "next_cursor": next.map(|c| c.encode()),
-    })))
+    Ok(Json(CallPage {
+        calls: page,
+        next_cursor: next.map(|c| c.encode()),
+    }))
 }
 
+/// One call.
+#[utoipa::path(get, path = "/calls/{id}", tag = "calls", params(("id" = String, Path)),
+    responses((status = 200, body = Call), Errors))]
 async fn show(
     State(s): State<AppState>,
     auth: Auth,

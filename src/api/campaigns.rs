@@ -4,46 +4,68 @@
 
 use std::collections::BTreeSet;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use http_body_util::BodyExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::calls::campaigns::{CreateCampaignRequest, ImportReport, Upload};
 use crate::domain::campaign::{CampaignStatus, RecipientState};
 use crate::domain::phone::E164;
+use crate::http::openapi::Errors;
 use crate::store::calls::Scope;
-use crate::store::campaigns::{self as db, Campaign};
+use crate::store::campaigns::{self as db, Campaign, Recipient};
 use crate::store::tenants;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/campaigns", get(list).post(create))
-        .route("/campaigns/{id}", get(show))
-        .route("/campaigns/{id}/pause", post(pause))
-        .route("/campaigns/{id}/resume", post(resume))
-        .route("/campaigns/{id}/cancel", post(cancel))
-        .route("/campaigns/{id}/results.csv", get(results))
-        .route("/dnc", get(dnc_list).post(dnc_add))
-        .route("/dnc/{number}", delete(dnc_remove))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(cancel))
+        .routes(routes!(results))
+        .routes(routes!(dnc_list, dnc_add))
+        .routes(routes!(dnc_remove))
 }
 
-/// `/api/v1/campaigns/{id}/recipients`, outside the API's body limit: uploads stream up to
-/// `campaigns.max_upload_bytes`.
-pub fn upload_routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v1/campaigns/{id}/recipients",
-            post(upload).get(recipients),
-        )
+/// `/campaigns/{id}/recipients` (under `/api/v1`), outside the API's body limit: uploads
+/// stream up to `campaigns.max_upload_bytes`.
+pub fn upload_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(upload, recipients))
         .layer(DefaultBodyLimit::disable())
+}
+
+#[derive(Serialize, ToSchema)]
+struct CampaignList {
+    campaigns: Vec<Campaign>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct RecipientPage {
+    recipients: Vec<Recipient>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DncList {
+    numbers: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DncAdded {
+    /// Numbers that were not on the list before.
+    added: usize,
 }
 
 fn check_tenant_field(auth: &Auth, tenant: &Option<String>) -> Result<(), ApiError> {
@@ -56,6 +78,9 @@ fn check_tenant_field(auth: &Auth, tenant: &Option<String>) -> Result<(), ApiErr
     Ok(())
 }
 
+/// Creates a campaign (SPEC §7); recipients are uploaded next.
+#[utoipa::path(post, path = "/campaigns", tag = "campaigns", request_body = CreateCampaignRequest,
+    responses((status = 201, body = Campaign), Errors))]
 async fn create(
     State(s): State<AppState>,
     auth: Auth,
@@ -66,15 +91,21 @@ async fn create(
     Ok((StatusCode::CREATED, Json(c)))
 }
 
-async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+/// Campaigns with their progress.
+#[utoipa::path(get, path = "/campaigns", tag = "campaigns",
+    responses((status = 200, body = CampaignList), Errors))]
+async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<CampaignList>, ApiError> {
     let scope = auth.scope();
-    let all = s
+    let campaigns = s
         .store()
         .read(move |c| db::list(c, scope.tenant_id()))
         .await?;
-    Ok(Json(json!({ "campaigns": all })))
+    Ok(Json(CampaignList { campaigns }))
 }
 
+/// One campaign with its progress and ETA.
+#[utoipa::path(get, path = "/campaigns/{id}", tag = "campaigns", params(("id" = String, Path)),
+    responses((status = 200, body = Campaign), Errors))]
 async fn show(
     State(s): State<AppState>,
     auth: Auth,
@@ -99,6 +130,9 @@ async fn set_status(
     ))
 }
 
+/// Stops dialing new recipients at once; calls in progress go on.
+#[utoipa::path(post, path = "/campaigns/{id}/pause", tag = "campaigns", params(("id" = String, Path)),
+    responses((status = 200, body = Campaign), Errors))]
 async fn pause(
     State(s): State<AppState>,
     auth: Auth,
@@ -107,6 +141,9 @@ async fn pause(
     set_status(s, auth, id, CampaignStatus::Paused).await
 }
 
+/// Dials again.
+#[utoipa::path(post, path = "/campaigns/{id}/resume", tag = "campaigns", params(("id" = String, Path)),
+    responses((status = 200, body = Campaign), Errors))]
 async fn resume(
     State(s): State<AppState>,
     auth: Auth,
@@ -115,6 +152,9 @@ async fn resume(
     set_status(s, auth, id, CampaignStatus::Running).await
 }
 
+/// Cancels every recipient not yet called; final.
+#[utoipa::path(post, path = "/campaigns/{id}/cancel", tag = "campaigns", params(("id" = String, Path)),
+    responses((status = 200, body = Campaign), Errors))]
 async fn cancel(
     State(s): State<AppState>,
     auth: Auth,
@@ -123,6 +163,15 @@ async fn cancel(
     set_status(s, auth, id, CampaignStatus::Canceled).await
 }
 
+/// Adds recipients from CSV (a `to` column, optional `timezone`, other columns are template
+/// variables) or JSON (`[{"to", "vars"?, "metadata"?, "timezone"?}]`); rows are checked one
+/// by one and the rejected ones reported with their line.
+#[utoipa::path(post, path = "/campaigns/{id}/recipients", tag = "campaigns", params(("id" = String, Path)),
+    request_body(content(
+        (String = "text/csv"),
+        (Vec<Object> = "application/json"),
+    )),
+    responses((status = 200, body = ImportReport), Errors))]
 async fn upload(
     State(s): State<AppState>,
     auth: Auth,
@@ -192,20 +241,28 @@ async fn upload(
     Ok(Json(s.calls().campaign_import(scope, id, upload).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RecipientParams {
+    /// Only recipients in this state.
     state: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// 1–1000 (default 100).
     limit: Option<u32>,
 }
 
+/// The campaign's recipients, a page at a time.
+#[utoipa::path(get, path = "/campaigns/{id}/recipients", tag = "campaigns",
+    params(("id" = String, Path), RecipientParams),
+    responses((status = 200, body = RecipientPage), Errors))]
 async fn recipients(
     State(s): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
     Query(p): Query<RecipientParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RecipientPage>, ApiError> {
     let state = p
         .state
         .as_deref()
@@ -239,12 +296,18 @@ async fn recipients(
             db::recipients(c, &id, state, cursor, limit)
         })
         .await?;
-    let next = (page.len() == limit as usize)
+    let next_cursor = (page.len() == limit as usize)
         .then(|| page.last().map(|r| r.id.to_string()))
         .flatten();
-    Ok(Json(json!({ "recipients": page, "next_cursor": next })))
+    Ok(Json(RecipientPage {
+        recipients: page,
+        next_cursor,
+    }))
 }
 
+/// Every recipient with its outcome, as CSV.
+#[utoipa::path(get, path = "/campaigns/{id}/results.csv", tag = "campaigns", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/csv", body = String), Errors))]
 async fn results(
     State(s): State<AppState>,
     auth: Auth,
@@ -309,9 +372,11 @@ async fn results(
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TenantParam {
+    /// Admin keys: the tenant (may be left out when there is only one).
     tenant: Option<String>,
 }
 
@@ -339,29 +404,37 @@ async fn dnc_tenant(s: &AppState, auth: &Auth, name: Option<String>) -> Result<i
         .await?
 }
 
+/// The tenant's do-not-call list.
+#[utoipa::path(get, path = "/dnc", tag = "campaigns", params(TenantParam),
+    responses((status = 200, body = DncList), Errors))]
 async fn dnc_list(
     State(s): State<AppState>,
     auth: Auth,
     Query(p): Query<TenantParam>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DncList>, ApiError> {
     let t = dnc_tenant(&s, &auth, p.tenant).await?;
     let numbers = s.store().read(move |c| db::dnc_list(c, t)).await?;
-    Ok(Json(json!({ "numbers": numbers })))
+    Ok(Json(DncList { numbers }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DncBody {
+    /// E.164 numbers.
     numbers: Vec<String>,
+    /// Admin keys: the tenant.
     #[serde(default)]
     tenant: Option<String>,
 }
 
+/// Adds numbers to the do-not-call list; they are never dialed by campaigns again.
+#[utoipa::path(post, path = "/dnc", tag = "campaigns", request_body = DncBody,
+    responses((status = 200, body = DncAdded), Errors))]
 async fn dnc_add(
     State(s): State<AppState>,
     auth: Auth,
     Json(b): Json<DncBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DncAdded>, ApiError> {
     if b.numbers.is_empty() {
         return Err(ApiError::bad_request("numbers", "name at least one number"));
     }
@@ -371,9 +444,13 @@ async fn dnc_add(
     let t = dnc_tenant(&s, &auth, b.tenant).await?;
     let numbers = b.numbers;
     let added = s.store().run(move |c| db::dnc_add(c, t, &numbers)).await?;
-    Ok(Json(json!({ "added": added })))
+    Ok(Json(DncAdded { added }))
 }
 
+/// Removes a number from the do-not-call list.
+#[utoipa::path(delete, path = "/dnc/{number}", tag = "campaigns",
+    params(("number" = String, Path, description = "E.164"), TenantParam),
+    responses((status = 204, description = "Removed"), Errors))]
 async fn dnc_remove(
     State(s): State<AppState>,
     auth: Auth,

@@ -1,20 +1,22 @@
 //! Admin endpoints under `/api/v1/tls`: what `voicectl cert status|renew` ask a running server.
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::http::error::Json;
+use crate::http::openapi::Errors;
 use crate::http::{ApiError, AppState, Auth};
 use crate::tls::{RenewOutcome, Tls, TlsError, TlsStatus};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/tls/status", get(status))
-        .route("/tls/renew", post(renew))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(renew))
 }
 
 fn tls_of(s: &AppState) -> Result<Tls, ApiError> {
@@ -27,19 +29,26 @@ fn tls_of(s: &AppState) -> Result<Tls, ApiError> {
     })
 }
 
+/// Certificates being served and the renewal schedule (admin).
+#[utoipa::path(get, path = "/tls/status", tag = "system",
+    responses((status = 200, body = TlsStatus), Errors))]
 async fn status(State(s): State<AppState>, auth: Auth) -> Result<Json<TlsStatus>, ApiError> {
     auth.require_admin()?;
     Ok(Json(tls_of(&s)?.status()))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RenewBody {
+    /// Renew now even when not due.
     #[serde(default)]
     force: bool,
 }
 
 /// Body optional: `{}` or nothing renews when due; `{"force": true}` renews now.
+#[utoipa::path(post, path = "/tls/renew", tag = "system",
+    request_body(content = Option<RenewBody>, content_type = "application/json"),
+    responses((status = 200, body = RenewOutcome), Errors))]
 async fn renew(
     State(s): State<AppState>,
     auth: Auth,

@@ -24,18 +24,48 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 use tracing::Span;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::http::error;
 pub use crate::http::{ApiError, AppState, Auth};
 
-pub fn app(state: AppState) -> Router {
-    let max_body = state.config().server.max_body_bytes;
-    let api = Router::new()
+/// The API's routes with their OpenAPI document: the document is built from the same
+/// registrations as the router (`utoipa_axum::routes!`), so neither can change alone. Paths
+/// are relative to `/api/v1` (the document's server URL). The recipient upload is separate
+/// because it has its own body limit.
+fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
+    let (api, mut doc) = OpenApiRouter::with_openapi(crate::http::openapi::ApiDoc::openapi())
         .merge(tenants::routes())
         .merge(calls::routes())
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())
+        .split_for_parts();
+    let (uploads, upload_doc) = campaigns::upload_routes().split_for_parts();
+    doc.merge(upload_doc);
+    (api, uploads, doc)
+}
+
+/// The OpenAPI 3.1 document `GET /api/v1/openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().2
+}
+
+pub fn app(state: AppState) -> Router {
+    let max_body = state.config().server.max_body_bytes;
+    let (api, uploads, doc) = api_routes();
+    // Rendered once; the document is public (it holds no secrets) so clients can fetch it
+    // before they have a key.
+    let doc = axum::body::Bytes::from(doc.to_json().unwrap_or_default());
+    let api = api
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], doc) }
+            }),
+        )
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     // Our own routes. `/api/v1/*` and `/twilio/*` are reserved as a whole (their 404s are
     // ours), the rest are exact paths. `route_layer` keeps the small body limit and the error
@@ -55,8 +85,9 @@ pub fn app(state: AppState) -> Router {
         // Outside the body limit, so its bare 413 is reshaped too.
         .route_layer(middleware::map_response(error::shape_errors))
         // Recipient uploads: exempt from `server.max_body_bytes`, capped by their own limit.
-        .merge(
-            campaigns::upload_routes().route_layer(middleware::map_response(error::shape_errors)),
+        .nest(
+            "/api/v1",
+            uploads.route_layer(middleware::map_response(error::shape_errors)),
         )
         // The dashboard answers browsers with HTML pages, its errors included, so it sits
         // outside the reshaping; its JSON endpoint answers in the SPEC shape by itself.

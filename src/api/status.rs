@@ -2,18 +2,19 @@
 //! circuit states are read from the metrics the TLS and engine code keep current, so a new
 //! source of status only has to update its metric.
 
-use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::domain::timefmt::{now_ms, rfc3339};
 use crate::http::error::Json;
+use crate::http::openapi::Errors;
 use crate::http::{ApiError, AppState, Auth};
 use crate::ops::metrics::circuit;
 use crate::store::calls;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusReport {
     /// "serving" or "draining".
     pub state: String,
@@ -27,21 +28,21 @@ pub struct StatusReport {
     pub engines: Vec<EngineStatus>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CallCounts {
     /// initiating, ringing or in progress.
     pub active: u64,
     pub queued: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CertificateStatus {
     pub domain: String,
     pub not_after: String,
     pub days_left: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EngineStatus {
     pub engine: String,
     /// closed | half_open | open
@@ -49,10 +50,13 @@ pub struct EngineStatus {
 }
 
 /// Routes under `/api/v1`.
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/status", get(status))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(status))
 }
 
+/// What `voicectl status` shows (admin).
+#[utoipa::path(get, path = "/status", tag = "system",
+    responses((status = 200, body = StatusReport), Errors))]
 async fn status(State(s): State<AppState>, auth: Auth) -> Result<Json<StatusReport>, ApiError> {
     auth.require_admin()?;
     Ok(Json(collect(&s).await?))

@@ -1,34 +1,51 @@
 //! Admin-only tenant and key management (`/tenants…`, `/api-keys/{id}`).
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{Json, Path, Query};
 use super::{ApiError, AppState, Auth};
 use crate::config::HumanDuration;
 use crate::domain::tenant::validate_key;
 use crate::domain::timefmt::now_ms;
+use crate::http::openapi::Errors;
 use crate::store::keys::{self, CreatedKey, KeyInfo};
 use crate::store::tenants::{self, Tenant, TenantPatch};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/tenants", get(list).post(create))
-        .route("/tenants/{id}", get(show).put(update).delete(remove))
-        .route("/tenants/{id}/api-keys", get(list_keys).post(create_key))
-        .route("/api-keys/{key_id}", delete(revoke_key))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, remove))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
 }
 
-async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+#[derive(Serialize, ToSchema)]
+struct TenantList {
+    tenants: Vec<Tenant>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct KeyList {
+    keys: Vec<KeyInfo>,
+}
+
+/// All tenants (admin).
+#[utoipa::path(get, path = "/tenants", tag = "tenants",
+    responses((status = 200, body = TenantList), Errors))]
+async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<TenantList>, ApiError> {
     auth.require_admin()?;
-    let all = s.store().read(tenants::list).await?;
-    Ok(Json(json!({ "tenants": all })))
+    let tenants = s.store().read(tenants::list).await?;
+    Ok(Json(TenantList { tenants }))
 }
 
+/// Creates a tenant (admin); `name` is required.
+#[utoipa::path(post, path = "/tenants", tag = "tenants", request_body = TenantPatch,
+    responses((status = 201, body = Tenant), Errors))]
 async fn create(
     State(s): State<AppState>,
     auth: Auth,
@@ -42,6 +59,9 @@ async fn create(
     Ok((StatusCode::CREATED, Json(t)))
 }
 
+/// One tenant (admin).
+#[utoipa::path(get, path = "/tenants/{id}", tag = "tenants", params(("id" = String, Path, description = "Tenant name", example = "demo")),
+    responses((status = 200, body = Tenant), Errors))]
 async fn show(
     State(s): State<AppState>,
     auth: Auth,
@@ -51,6 +71,9 @@ async fn show(
     Ok(Json(s.store().run(move |c| tenants::get(c, &id)).await?))
 }
 
+/// Changes the fields given; an empty string clears an override (admin).
+#[utoipa::path(put, path = "/tenants/{id}", tag = "tenants", params(("id" = String, Path, description = "Tenant name", example = "demo")),
+    request_body = TenantPatch, responses((status = 200, body = Tenant), Errors))]
 async fn update(
     State(s): State<AppState>,
     auth: Auth,
@@ -65,13 +88,19 @@ async fn update(
     Ok(Json(t))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RemoveQuery {
+    /// Also delete the tenant's calls and keys.
     #[serde(default)]
     force: bool,
 }
 
+/// Deletes a tenant (admin); refused while it has calls or keys unless `force`.
+#[utoipa::path(delete, path = "/tenants/{id}", tag = "tenants",
+    params(("id" = String, Path, description = "Tenant name", example = "demo"), RemoveQuery),
+    responses((status = 204, description = "Deleted"), Errors))]
 async fn remove(
     State(s): State<AppState>,
     auth: Auth,
@@ -87,17 +116,21 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The tenant's API keys, without secrets (admin).
+#[utoipa::path(get, path = "/tenants/{id}/api-keys", tag = "tenants",
+    params(("id" = String, Path, description = "Tenant name", example = "demo")),
+    responses((status = 200, body = KeyList), Errors))]
 async fn list_keys(
     State(s): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     auth.require_admin()?;
-    let all = s.store().read(move |c| keys::list(c, Some(&id))).await?;
-    Ok(Json(json!({ "keys": all })))
+    let keys = s.store().read(move |c| keys::list(c, Some(&id))).await?;
+    Ok(Json(KeyList { keys }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyRequest {
     #[serde(default)]
@@ -107,6 +140,12 @@ pub struct NewKeyRequest {
     expires_in: Option<String>,
 }
 
+/// Creates a key for the tenant; the secret is in this answer only (admin). The body is
+/// optional.
+#[utoipa::path(post, path = "/tenants/{id}/api-keys", tag = "tenants",
+    params(("id" = String, Path, description = "Tenant name", example = "demo")),
+    request_body(content = Option<NewKeyRequest>, content_type = "application/json"),
+    responses((status = 201, body = CreatedKey), Errors))]
 async fn create_key(
     State(s): State<AppState>,
     auth: Auth,
@@ -141,6 +180,10 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(k)))
 }
 
+/// Revokes a key (admin).
+#[utoipa::path(delete, path = "/api-keys/{key_id}", tag = "tenants",
+    params(("key_id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyInfo), Errors))]
 async fn revoke_key(
     State(s): State<AppState>,
     auth: Auth,

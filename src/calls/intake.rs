@@ -13,10 +13,14 @@ use crate::store::calls::{self, Call, OutboundRequest, Scope};
 use crate::store::tenants;
 
 /// The body of `POST /calls`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCallRequest {
+    /// The number to call (E.164).
+    #[schema(pattern = r"^\+[1-9][0-9]{7,14}$", example = "+14155550123")]
     pub to: String,
+    /// Caller ID: one of the tenant's numbers (default: its `from_number`).
+    #[schema(pattern = r"^\+[1-9][0-9]{7,14}$", example = "+15005550100")]
     #[serde(default)]
     pub from: Option<String>,
     #[serde(default)]

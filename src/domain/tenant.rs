@@ -9,9 +9,11 @@ use crate::domain::timefmt::now_ms;
 
 /// Fields to set on create or update. `None` leaves a field alone; for the optional overrides
 /// an empty string clears it (back to the server default).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantPatch {
+    /// 1–63 of `a-z 0-9 -`, starting with a letter or digit; required on create.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$", example = "acme")]
     pub name: Option<String>,
     pub company: Option<String>,
     pub agent_name: Option<String>,

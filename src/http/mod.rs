@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod openapi;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};

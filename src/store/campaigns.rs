@@ -41,7 +41,7 @@ pub struct NewCampaign {
 }
 
 /// Counts per recipient state and the call figures of SPEC §7.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     pub total: i64,
     pub pending: i64,
@@ -79,13 +79,15 @@ impl Progress {
 }
 
 /// The campaign object of SPEC §7.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Campaign {
     pub id: String,
     pub tenant: String,
     pub name: String,
     pub status: CampaignStatus,
+    /// The agent settings given at creation (`from`, `greeting`, …) sit at the top level.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub settings: Value,
     pub calling_hours: Value,
     pub days: Vec<&'static str>,
@@ -753,7 +755,7 @@ pub fn on_call_status(tx: &Connection, call_id: &str, status: CallStatus) -> Res
 }
 
 /// A recipient as `GET /campaigns/{id}/recipients` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Recipient {
     pub id: i64,
     pub to: String,

@@ -21,7 +21,7 @@ pub enum Principal {
     },
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: String,
     pub tenant: Option<String>,
@@ -35,7 +35,7 @@ pub struct KeyInfo {
 }
 
 /// A key just created: its record, and the full secret, shown once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     #[serde(flatten)]
     pub info: KeyInfo,

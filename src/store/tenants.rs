@@ -9,7 +9,7 @@ use crate::domain::ids::random_token;
 pub use crate::domain::tenant::TenantPatch;
 use crate::domain::timefmt::{now_ms, rfc3339};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Tenant {
     #[serde(skip)]
     pub id: i64,

@@ -28,7 +28,7 @@ pub enum CertError {
 }
 
 /// What we know about a served certificate (its leaf), for renewal, status and metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CertInfo {
     /// DNS names from the subjectAltName extension.
     pub names: Vec<String>,

@@ -57,7 +57,7 @@ pub enum TlsError {
 }
 
 /// What `cert status` shows; persisted to `data_dir/tls/status.json` on every change.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TlsStatus {
     /// acme | manual
     pub mode: String,
@@ -84,7 +84,7 @@ pub struct TlsStatus {
 }
 
 /// Outcome of [`Tls::renew`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RenewOutcome {
     pub renewed: bool,
     pub message: String,

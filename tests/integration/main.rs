@@ -12,6 +12,7 @@ mod fakes_selftest;
 mod layering;
 mod lifecycle;
 mod limits;
+mod openapi;
 mod ops;
 mod pipeline;
 mod proxy;

@@ -14,7 +14,7 @@ use crate::domain::phone::E164;
 use crate::store::campaigns::NewRecipient;
 
 /// A row that was not accepted.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Rejected {
     pub row: u64,
     pub to: String,

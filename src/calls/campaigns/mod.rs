@@ -36,7 +36,7 @@ pub use import::Rejected;
 const EARLIEST_MIN: u32 = 8 * 60;
 const LATEST_MIN: u32 = 21 * 60;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Hours {
     pub start: String,
@@ -44,7 +44,7 @@ pub struct Hours {
 }
 
 /// The body of `POST /campaigns`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCampaignRequest {
     pub name: String,
@@ -70,7 +70,9 @@ pub struct CreateCampaignRequest {
     pub calls_per_second: Option<f64>,
     #[serde(default)]
     pub machine_detection: Option<bool>,
+    /// Per outcome (`busy`, `no_answer`, `failed`, `machine`): `{"attempts", "after"}`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub retry: Option<serde_json::Map<String, Value>>,
     #[serde(default)]
     pub metadata: Option<Value>,
@@ -82,7 +84,7 @@ pub struct CreateCampaignRequest {
 }
 
 /// The answer of an import.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ImportReport {
     pub accepted: u64,
     pub duplicates: u64,

@@ -8,10 +8,12 @@ use crate::domain::CallStatus;
 use crate::domain::timefmt::rfc3339;
 use crate::store::Result;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Analytics {
     pub since: Option<String>,
     pub total: i64,
+    /// Count of calls per status.
+    #[schema(value_type = std::collections::BTreeMap<String, i64>)]
     pub by_status: serde_json::Map<String, serde_json::Value>,
     pub success_rate: Option<f64>,
     pub average_duration_seconds: Option<f64>,
@@ -22,7 +24,7 @@ pub struct Analytics {
     pub pipeline_stages_ms: PipelineStages,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct PipelineStages {
     pub stt_final_ms: Percentiles,
     pub llm_first_token_ms: Percentiles,
@@ -30,7 +32,7 @@ pub struct PipelineStages {
     pub turn_ms: Percentiles,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Percentiles {
     pub count: usize,
     pub p50: Option<f64>,

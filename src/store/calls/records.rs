@@ -11,8 +11,9 @@ use crate::domain::{CallStatus, Direction, RateLimited};
 use crate::store::{Result, StoreError};
 
 /// The call object of SPEC §3.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Call {
+    #[schema(value_type = String)]
     pub id: CallId,
     pub tenant: String,
     pub direction: Direction,

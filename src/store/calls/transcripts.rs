@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::{Scope, get};
 use crate::store::Result;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TranscriptEntry {
     pub speaker: &'static str,
     pub text: String,
