@@ -191,6 +191,78 @@ async fn a_silent_http2_connection_is_closed_at_the_head_deadline() {
     health_ok(&server).await;
 }
 
+/// One HTTP/2 frame as read off the wire: (type, flags, payload).
+async fn h2_frame(s: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], payload))
+}
+
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+const H2_GOAWAY: u8 = 0x7;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_limits_take_effect_a_peer_that_ignores_pings_is_closed() {
+    let (_i, server) = tokio::task::block_in_place(|| {
+        server_with(
+            "http2_keepalive_interval = \"1s\"\nhttp2_keepalive_timeout = \"1s\"\n\
+             http2_max_streams = 7\nidle_timeout = \"60s\"\nheader_timeout = \"30s\"",
+        )
+    });
+    // Hand-written frames: the point is a peer that misbehaves, which a client library won't.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend([0, 0, 0, H2_SETTINGS, 0, 0, 0, 0, 0]);
+    // GET /health on stream 1 (HPACK: :method GET, :scheme http, :path /health, :authority x).
+    let block: Vec<u8> = [&[0x82u8, 0x86, 0x44, 7][..], b"/health", &[0x41, 1], b"x"].concat();
+    hello.extend([0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
+    hello.extend(&block);
+    s.write_all(&hello).await.unwrap();
+    let started = Instant::now();
+    let mut max_streams = None;
+    let mut pinged = None;
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some((kind, flags, payload)) = h2_frame(&mut s).await {
+            match kind {
+                H2_SETTINGS if flags & 1 == 0 => {
+                    for p in payload.chunks_exact(6) {
+                        if u16::from_be_bytes([p[0], p[1]]) == 0x3 {
+                            max_streams = Some(u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+                        }
+                    }
+                    // Acknowledged, so only the unanswered pings can end the connection.
+                    s.write_all(&[0, 0, 0, H2_SETTINGS, 1, 0, 0, 0, 0])
+                        .await
+                        .unwrap();
+                }
+                H2_PING if flags & 1 == 0 => {
+                    pinged.get_or_insert(started.elapsed());
+                }
+                H2_GOAWAY => return started.elapsed(),
+                _ => {}
+            }
+        }
+        started.elapsed()
+    })
+    .await
+    .expect("a peer that never answers pings is closed");
+    assert_eq!(max_streams, Some(7), "http2_max_streams is advertised");
+    let pinged = pinged.expect("the idle peer was pinged");
+    assert!(
+        pinged < Duration::from_secs(4),
+        "first ping after {pinged:?}"
+    );
+    assert!(
+        closed >= pinged + Duration::from_millis(900),
+        "closed {closed:?}, before the keep-alive timeout ran from the ping at {pinged:?}"
+    );
+    health_ok(&server).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_keep_alive_connections_and_stalled_bodies_are_closed() {
     let (_i, server) = tokio::task::block_in_place(|| {
