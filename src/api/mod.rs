@@ -6,6 +6,7 @@ mod campaigns;
 mod certs;
 mod health;
 mod ops;
+mod recording;
 pub mod status;
 mod tenants;
 mod twilio;
@@ -33,6 +34,7 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(tenants::routes())
         .merge(calls::routes())
+        .merge(recording::routes())
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())

@@ -233,6 +233,8 @@ pub struct AgentConfig {
     pub goodbye: String,
     /// The `scripted` engine's answers to caller turns, in order; then `goodbye`.
     pub script: Vec<String>,
+    /// Record calls (SPEC §8) unless the tenant or the call says otherwise.
+    pub record: bool,
 }
 
 impl Default for AgentConfig {
@@ -250,6 +252,7 @@ impl Default for AgentConfig {
                 "Thanks, I heard you. This is the voicectl demo agent.".into(),
                 "Got it. Anything else?".into(),
             ],
+            record: false,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod campaigns;
 pub mod jobs;
 pub mod keys;
 mod migrations;
+pub mod recording;
 pub mod sessions;
 pub mod tenants;
 
