@@ -213,7 +213,7 @@ impl<L: Leg> Bridge<L> {
                             b.frames_in += 1;
                             b.last_media = Instant::now();
                             if let Some(r) = &mut b.recorder {
-                                r.caller_audio(&payload);
+                                r.caller_audio(&payload, b.last_media);
                             }
                             if let Err(e) = engine.caller_audio(&payload).await {
                                 break ("engine_error", Some(e.to_string()));

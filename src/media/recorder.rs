@@ -1,13 +1,15 @@
 //! The call recording tap: a two-channel 8 kHz WAV (caller left, agent right) written while
 //! the call runs.
 //!
-//! Both channels are placed on one media clock that starts with the bridge. Caller audio is
-//! placed by its position in the stream (the sum of the frames before it: Twilio sends a
-//! continuous 20 ms frame stream, silence included), never by arrival time. Agent audio is
-//! placed where the phone plays it: at the send clock, or right after the agent audio already
-//! queued when the phone's buffer is not empty. A `clear` drops the agent audio that never
-//! played (the playback's mark accounting says how much), so the file holds what the caller
-//! heard. Gaps are silence.
+//! Both channels are placed on the stream's media clock. Caller audio is placed by its
+//! position in the stream (the sum of the frames before it: Twilio sends a continuous 20 ms
+//! frame stream, silence included), never by arrival time. Agent audio is placed where the
+//! phone plays it: at our send clock translated to media time, or right after the agent audio
+//! already queued when the phone's buffer is not empty. The translation is the smallest lag
+//! seen between a caller frame's arrival and its media time (the least delayed frame), so a
+//! late bridge start or a burst of queued frames does not shift the agent channel. A `clear`
+//! drops the agent audio that never played (the playback's mark accounting says how much), so
+//! the file holds what the caller heard. Gaps are silence.
 //!
 //! The bridge only decodes and copies bytes here; the file is written by a blocking task fed
 //! through a bounded channel, so a slow or full disk never stalls the call: a write that
@@ -67,6 +69,8 @@ pub struct Recorder {
     /// Set when the recording stopped early (the writer fell behind).
     error: Option<String>,
     scratch: Vec<u8>,
+    /// Smallest (arrival clock − media time) of a caller frame, in samples.
+    lag: Option<i64>,
 }
 
 impl Recorder {
@@ -84,18 +88,26 @@ impl Recorder {
             writer: Some(writer),
             error: None,
             scratch: Vec::with_capacity(1024),
+            lag: None,
         }
     }
 
-    fn clock(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.t0).as_millis() as u64 * PER_MS
+    fn wall(&self, now: Instant) -> i64 {
+        (now.saturating_duration_since(self.t0).as_micros() as i64) * PER_MS as i64 / 1000
     }
 
-    /// One frame of caller audio (base64 μ-law), in stream order.
-    pub fn caller_audio(&mut self, payload_b64: &str) {
+    /// Media time (samples) at `now`.
+    fn clock(&self, now: Instant) -> u64 {
+        (self.wall(now) - self.lag.unwrap_or(0)).max(0) as u64
+    }
+
+    /// One frame of caller audio (base64 μ-law), in stream order, received at `now`.
+    pub fn caller_audio(&mut self, payload_b64: &str, now: Instant) {
         if self.tx.is_none() {
             return;
         }
+        let lag = self.wall(now) - (self.written + self.caller.len() as u64) as i64;
+        self.lag = Some(self.lag.map_or(lag, |l| l.min(lag)));
         self.scratch.clear();
         if base64::engine::general_purpose::STANDARD
             .decode_vec(payload_b64, &mut self.scratch)
@@ -238,8 +250,8 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Recorder::start(path.clone(), t0);
         // 1 s of caller audio (value 0x00: loud) in 20 ms frames.
-        for _ in 0..50 {
-            r.caller_audio(&b64(&[0x00; 160]));
+        for i in 0..50 {
+            r.caller_audio(&b64(&[0x00; 160]), t0 + Duration::from_millis(i * 20));
         }
         // Agent audio sent at 500 ms: 2 s of it queued at once; cleared at 1000 ms with
         // 1.5 s unplayed.
@@ -258,6 +270,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_late_bridge_start_does_not_shift_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.wav");
+        let t0 = Instant::now();
+        let mut r = Recorder::start(path.clone(), t0);
+        // The stream is 40 ms ahead of the bridge: three frames wait in the socket, then one
+        // arrives every 20 ms carrying media time 60, 80, …
+        for _ in 0..3 {
+            r.caller_audio(&b64(&[0xFF; 160]), t0);
+        }
+        for i in 1..=20 {
+            r.caller_audio(&b64(&[0xFF; 160]), t0 + Duration::from_millis(i * 20));
+        }
+        // Sent at bridge time 300 ms = media time 340 ms.
+        r.agent_audio(&b64(&[0x80; 800]), t0 + Duration::from_millis(300));
+        r.finish(0).await;
+        let s: Vec<i16> = hound::WavReader::open(&path)
+            .unwrap()
+            .samples::<i16>()
+            .map(|s| s.unwrap())
+            .collect();
+        let first = (0..s.len() / 2).find(|i| s[i * 2 + 1] != 0);
+        assert_eq!(first, Some(340 * 8));
+    }
+
+    #[tokio::test]
     async fn a_failing_disk_is_reported_not_fatal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.wav");
@@ -265,7 +303,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Recorder::start(path, t0);
         for _ in 0..50 {
-            r.caller_audio(&b64(&[0x00; 160]));
+            r.caller_audio(&b64(&[0x00; 160]), t0);
         }
         r.flush(t0 + Duration::from_secs(1));
         assert!(matches!(r.finish(0).await, RecordingResult::Failed { .. }));

@@ -15,6 +15,7 @@ mod limits;
 mod ops;
 mod pipeline;
 mod proxy;
+mod recording;
 mod serve;
 mod support;
 mod tls;
