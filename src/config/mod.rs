@@ -57,9 +57,21 @@ pub struct Config {
     pub elevenlabs: ElevenLabsConfig,
     pub llm: Vec<LlmConfig>,
     pub campaigns: CampaignsConfig,
+    /// `[retention]`: how long finished calls and recordings are kept.
+    pub retention: RetentionConfig,
     /// Where the file came from; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[retention]` (SPEC §8): finished calls (with their transcripts and events) and call
+/// recordings older than this are purged daily. `"0"` or absent keeps them forever: nothing is
+/// deleted unless the operator asks.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub calls: HumanDuration,
+    pub recordings: HumanDuration,
 }
 
 /// `[campaigns]`: limits of campaign imports.

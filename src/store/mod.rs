@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod keys;
 mod migrations;
 pub mod recording;
+pub mod retention;
 pub mod sessions;
 pub mod tenants;
 

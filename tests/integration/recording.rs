@@ -425,3 +425,126 @@ async fn bad_recording_fields_are_refused_and_change_nothing() {
         .await;
     assert_eq!(st, 400, "{v}");
 }
+
+#[tokio::test]
+async fn retention_purges_old_calls_and_recordings_and_keeps_recent_and_live_ones() {
+    use voicectl::config::HumanDuration;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    let s = stack(Opts {
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.server.data_dir = dir;
+            c.retention.calls = HumanDuration::parse("90d").unwrap();
+            c.retention.recordings = HumanDuration::parse("30d").unwrap();
+        }),
+        ..Default::default()
+    })
+    .await;
+    let day = 24 * 3600 * 1000i64;
+    let now = voicectl::domain::timefmt::now_ms();
+    // (name, status, ended days ago, recorded)
+    let rows = [
+        ("old", "completed", Some(100), true),
+        ("mid", "completed", Some(40), true),
+        ("recent", "completed", Some(1), true),
+        ("live", "in_progress", None, false),
+        ("old_failed", "failed", Some(200), false),
+    ];
+    std::fs::create_dir_all(data.path().join("recordings")).unwrap();
+    let ids: Vec<(&str, String)> = rows
+        .iter()
+        .map(|(name, status, ended, rec)| {
+            let (status, ended, rec) = (status.to_string(), *ended, *rec);
+            let id = s
+                .store
+                .blocking(move |c| {
+                    let id = voicectl::domain::ids::CallId::generate();
+                    let tenant = tenants::get(c, "acme")?.id;
+                    let created = now - 300 * day;
+                    c.execute(
+                        "INSERT INTO calls (id, tenant_id, direction, to_number, from_number, \
+                         status, engine, created_at, updated_at, ended_at, recording) \
+                         VALUES (?1, ?2, 'outbound', '+14155550999', '+14155550100', ?3, \
+                         'scripted', ?4, ?4, ?5, ?6)",
+                        rusqlite::params![
+                            id.as_str(),
+                            tenant,
+                            status,
+                            created,
+                            ended.map(|d: i64| now - d * day),
+                            rec.then_some(r#"{"status":"recorded"}"#),
+                        ],
+                    )?;
+                    c.execute(
+                        "INSERT INTO transcript_entries (call_id, speaker, text, at_ms) \
+                         VALUES (?1, 'agent', 'Hello', 0)",
+                        [id.as_str()],
+                    )?;
+                    Ok(id.to_string())
+                })
+                .unwrap();
+            if rec {
+                std::fs::write(recording_file(data.path(), &id), b"RIFF").unwrap();
+            }
+            (*name, id)
+        })
+        .collect();
+    let id = |name: &str| ids.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+
+    let purged = s.manager.purge().await.unwrap();
+    assert_eq!((purged.calls, purged.recordings), (2, 2), "{purged:?}");
+    for gone in ["old", "old_failed"] {
+        let (st, _) = s
+            .api(
+                reqwest::Method::GET,
+                &format!("/api/v1/calls/{}", id(gone)),
+                None,
+            )
+            .await;
+        assert_eq!(st, 404, "{gone} purged");
+        let left: i64 = s
+            .store
+            .blocking({
+                let i = id(gone);
+                move |c| {
+                    Ok(c.query_row(
+                        "SELECT COUNT(*) FROM transcript_entries WHERE call_id = ?1",
+                        [i],
+                        |r| r.get(0),
+                    )?)
+                }
+            })
+            .unwrap();
+        assert_eq!(left, 0, "its transcript went too");
+    }
+    assert!(!recording_file(data.path(), &id("old")).exists());
+    // 40 days: the call stays, its recording goes.
+    assert!(!recording_file(data.path(), &id("mid")).exists());
+    assert_eq!(s.get(&id("mid")).await["recording"]["status"], "purged");
+    assert_eq!(download(&s, &s.key, &id("mid")).await.0, 404);
+    // Recent and live calls are untouched.
+    assert!(recording_file(data.path(), &id("recent")).exists());
+    assert_eq!(
+        s.get(&id("recent")).await["recording"]["status"],
+        "recorded"
+    );
+    assert_eq!(s.get(&id("live")).await["status"], "in_progress");
+    assert_eq!(s.transcript(&id("live")).await.len(), 1);
+    // A second run finds nothing; the counters add up.
+    let again = s.manager.purge().await.unwrap();
+    assert_eq!((again.calls, again.recordings), (0, 0));
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("voicectl_retention_purged_total{kind=\"calls\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("voicectl_retention_purged_total{kind=\"recordings\"} 2"));
+}
