@@ -11,13 +11,13 @@
 //! drops the agent audio that never played (the playback's mark accounting says how much), so
 //! the file holds what the caller heard. Gaps are silence.
 //!
-//! The bridge only decodes and copies bytes here; the file is written by a blocking task fed
-//! through a bounded channel, so a slow or full disk never stalls the call: a write that
+//! The bridge only decodes and copies bytes here; the file is written by a writer task fed
+//! through a bounded channel, each chunk in one short job on the blocking pool, so a slow or full disk never stalls the call: a write that
 //! fails, or a writer that falls behind by more than the channel holds, stops the recording,
 //! is logged once and is reported in [`Recorder::finish`].
 
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use tokio::sync::mpsc::{Receiver, Sender, channel, error::TrySendError};
 
 use base64::Engine as _;
 use tokio::task::JoinHandle;
@@ -64,7 +64,7 @@ pub struct Recorder {
     caller: Vec<u8>,
     /// Agent μ-law from `written` on (shorter than the caller's: silence follows).
     agent: Vec<u8>,
-    tx: Option<SyncSender<Vec<i16>>>,
+    tx: Option<Sender<Vec<i16>>>,
     writer: Option<JoinHandle<Result<(), String>>>,
     /// Set when the recording stopped early (the writer fell behind).
     error: Option<String>,
@@ -75,10 +75,10 @@ pub struct Recorder {
 
 impl Recorder {
     /// Starts recording to `path` (its directory is created if needed). Must run inside a
-    /// Tokio runtime: the writer is a blocking task.
+    /// Tokio runtime: the writer is a task.
     pub fn start(path: PathBuf, t0: Instant) -> Self {
-        let (tx, rx) = sync_channel(CHANNEL_CHUNKS);
-        let writer = tokio::task::spawn_blocking(move || write_wav(&path, rx));
+        let (tx, rx) = channel(CHANNEL_CHUNKS);
+        let writer = tokio::spawn(write_wav(path, rx));
         Recorder {
             t0,
             written: 0,
@@ -175,7 +175,7 @@ impl Recorder {
                 self.stop();
             }
             // The writer ended with an error of its own (reported by `finish`).
-            Err(TrySendError::Disconnected(_)) => self.stop(),
+            Err(TrySendError::Closed(_)) => self.stop(),
         }
     }
 
@@ -206,27 +206,49 @@ impl Recorder {
     }
 }
 
-fn write_wav(path: &std::path::Path, rx: Receiver<Vec<i16>>) -> Result<(), String> {
-    let result = (|| -> Result<(), String> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        let spec = hound::WavSpec {
-            channels: 2,
-            sample_rate: 8000,
-            bits_per_sample: 16,
-            sample_format: hound::SampleFormat::Int,
-        };
-        let mut w = hound::WavWriter::create(path, spec).map_err(|e| e.to_string())?;
-        while let Ok(chunk) = rx.recv() {
-            for s in chunk {
-                w.write_sample(s).map_err(|e| e.to_string())?;
+type Wav = hound::WavWriter<std::io::BufWriter<std::fs::File>>;
+
+/// Runs `f` on the blocking pool. Each chunk is one short blocking job, so a recorded call
+/// holds no blocking thread between writes (a thread per call would exhaust the pool that
+/// SQLite needs).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+async fn write_wav(path: PathBuf, mut rx: Receiver<Vec<i16>>) -> Result<(), String> {
+    let p = path.clone();
+    let result = async move {
+        let mut w: Wav = blocking(move || {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             }
-            // Rewrites the RIFF sizes too: the file is a valid WAV while the call runs.
-            w.flush().map_err(|e| e.to_string())?;
+            let spec = hound::WavSpec {
+                channels: 2,
+                sample_rate: 8000,
+                bits_per_sample: 16,
+                sample_format: hound::SampleFormat::Int,
+            };
+            hound::WavWriter::create(&p, spec).map_err(|e| e.to_string())
+        })
+        .await?;
+        while let Some(chunk) = rx.recv().await {
+            w = blocking(move || {
+                for s in chunk {
+                    w.write_sample(s).map_err(|e| e.to_string())?;
+                }
+                // Rewrites the RIFF sizes too: the file is a valid WAV while the call runs.
+                w.flush().map_err(|e| e.to_string())?;
+                Ok(w)
+            })
+            .await?;
         }
-        w.finalize().map_err(|e| e.to_string())
-    })();
+        blocking(move || w.finalize().map_err(|e| e.to_string())).await
+    }
+    .await;
     if let Err(e) = &result {
         // Once per call: the writer stops at its first error.
         tracing::error!(error = %e, path = %path.display(), "recording failed; the call goes on");
