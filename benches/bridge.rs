@@ -54,6 +54,8 @@ const FRAME_BYTES: usize = 160;
 /// Agent audio per Realtime delta, in 20 ms frames (`--delta-frames`, default 1: the worst
 /// case). Real OpenAI deltas are usually longer; Twilio accepts any payload length.
 static DELTA_FRAMES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+/// `--record`: the server records every call.
+static RECORD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 fn delta_frames() -> u32 {
     *DELTA_FRAMES.get().unwrap_or(&1)
@@ -96,6 +98,10 @@ fn args() -> Args {
             "--warmup" => a.warmup = val().parse().expect("--warmup seconds"),
             "--bin" => a.bin = val(),
             "--micro" => a.micro = true,
+            // Every call recorded (SPEC §8): `[agent] record = true`.
+            "--record" => {
+                let _ = RECORD.set(true);
+            }
             "--delta-frames" => {
                 let n: u32 = val().parse().expect("--delta-frames N");
                 let _ = DELTA_FRAMES.set(n.max(1));
@@ -311,6 +317,7 @@ engine = "openai-realtime"
 greeting = "Hello! How can I help you today?"
 max_call_duration = "1h"
 silence_timeout = "1h"
+record = {record}
 
 [openai]
 api_key = "{OPENAI_KEY}"
@@ -327,6 +334,7 @@ max_connections = {conns}
 "#,
             max = n + 100,
             conns = 3 * n + 200,
+            record = RECORD.get().copied().unwrap_or(false),
         ),
     )
     .map_err(|e| e.to_string())?;

@@ -6,6 +6,7 @@ mod campaigns;
 mod certs;
 mod health;
 mod ops;
+mod recording;
 pub mod status;
 mod tenants;
 mod twilio;
@@ -38,6 +39,7 @@ fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi
     let (api, mut doc) = OpenApiRouter::with_openapi(crate::http::openapi::ApiDoc::openapi())
         .merge(tenants::routes())
         .merge(calls::routes())
+        .merge(recording::routes())
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())

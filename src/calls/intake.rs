@@ -37,6 +37,9 @@ pub struct CreateCallRequest {
     pub max_duration: Option<String>,
     #[serde(default)]
     pub machine_detection: Option<bool>,
+    /// Record this call (beats the tenant's choice).
+    #[serde(default)]
+    pub record: Option<bool>,
     /// Admin keys name the tenant the call belongs to.
     #[serde(default)]
     pub tenant: Option<String>,
@@ -210,7 +213,8 @@ impl Shared {
                             retry_after_secs: e.retry_after.as_header_secs(),
                         })
                 };
-                calls::create_outbound(
+                let record = req.record;
+                let created = calls::create_outbound(
                     c,
                     &OutboundRequest {
                         tenant_id: tenant.id,
@@ -227,8 +231,13 @@ impl Shared {
                         request_hash,
                     },
                     admit,
-                )
-                .map(Ok)
+                )?;
+                if let Ok((call, true)) = &created
+                    && record.is_some()
+                {
+                    crate::store::recording::set_call_record(c, call.id.as_str(), record)?;
+                }
+                Ok(Ok(created))
             })
             .await?;
         let (call, created) = outcome??;

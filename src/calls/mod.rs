@@ -21,6 +21,7 @@ mod error;
 mod intake;
 pub mod jobs;
 mod lifecycle;
+pub mod retention;
 mod session;
 mod setup;
 mod shared;
@@ -104,6 +105,12 @@ impl Calls {
         tokio::spawn(dialer::run(self.s.clone()));
         tokio::spawn(jobs::run(self.s.clone()));
         tokio::spawn(campaigns::scheduler::run(self.s.clone()));
+        tokio::spawn(retention::run(self.s.clone()));
+    }
+
+    /// Runs the `[retention]` purge now (it also runs daily on its own).
+    pub async fn purge(&self) -> Result<retention::Purged, crate::store::StoreError> {
+        self.s.purge().await
     }
 
     /// `POST /campaigns`: validates and stores a campaign (running unless `paused`).

@@ -19,13 +19,17 @@ pub struct CallSetup {
     pub kind: EngineKind,
     pub max_duration: Duration,
     pub inbound: bool,
+    /// Record the call: the call's choice, else the tenant's, else the server's.
+    pub record: bool,
 }
 
 impl CallSetup {
     /// Resolves the setup from the call's record and its tenant under `cfg`.
     pub fn resolve(detail: CallDetail, tenant: Tenant, cfg: &Config) -> Self {
         let inbound = detail.call.direction == Direction::Inbound;
-        let ctx = CallContext {
+        let record = detail.record.or(tenant.record).unwrap_or(cfg.agent.record);
+        let notice = tenant.recording_notice.clone().filter(|_| record);
+        let mut ctx = CallContext {
             call_id: detail.call.id.clone(),
             tenant: tenant.name.clone(),
             inbound,
@@ -48,6 +52,14 @@ impl CallSetup {
             script: cfg.agent.script.clone(),
             goodbye: cfg.agent.goodbye.clone(),
         };
+        if let Some(n) = notice {
+            // Spoken first, before anything else the agent says (SPEC §8).
+            ctx.greeting = if ctx.greeting.is_empty() {
+                n
+            } else {
+                format!("{n} {}", ctx.greeting)
+            };
+        }
         CallSetup {
             ctx,
             kind: EngineKind::parse(&detail.call.engine).unwrap_or(cfg.agent.engine),
@@ -58,6 +70,7 @@ impl CallSetup {
                     .unwrap_or(cfg.agent.max_call_duration.as_secs()),
             ),
             inbound,
+            record,
         }
     }
 }

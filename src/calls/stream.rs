@@ -56,6 +56,9 @@ impl Shared {
                 }
                 let kind = setup.kind;
                 let inbound = setup.inbound;
+                let recording = setup.record.then(|| {
+                    crate::domain::layout::recording_path(&cfg.server.data_dir, id)
+                });
                 tracing::info!(stream_sid = %start.stream_sid, engine = %kind, "media stream started");
                 let cx = BridgeContext {
                     call_id: call_id.clone(),
@@ -69,6 +72,7 @@ impl Shared {
                     goodbye: cfg.agent.goodbye.clone(),
                     metrics: self.metrics.clone(),
                     breakers: self.breakers.clone(),
+                    recording,
                 };
                 let engine = self
                     .take_engine(id, setup)

@@ -82,6 +82,12 @@ pub struct TenantFields {
     /// URL that receives signed call-completed webhooks ("" removes it)
     #[arg(long)]
     webhook_url: Option<String>,
+    /// Record calls: true | false (a call's own `record` beats it)
+    #[arg(long, value_name = "BOOL")]
+    record: Option<bool>,
+    /// Spoken first on recorded calls ("" removes it)
+    #[arg(long, value_name = "TEXT")]
+    recording_notice: Option<String>,
 }
 
 impl TenantFields {
@@ -105,6 +111,8 @@ impl TenantFields {
             max_concurrent_calls: self.max_concurrent_calls,
             calls_per_minute: self.calls_per_minute,
             webhook_url: self.webhook_url,
+            record: self.record,
+            recording_notice: self.recording_notice,
         }
     }
 }

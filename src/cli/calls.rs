@@ -56,6 +56,13 @@ pub enum CallsCmd {
     Show { id: String },
     /// Hang up a live call or cancel a queued one
     End { id: String },
+    /// Save a recorded call's WAV (caller left, agent right)
+    Recording {
+        id: String,
+        /// File to write
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: std::path::PathBuf,
+    },
 }
 
 /// Exit status of `voicectl call` when the call ended other than `completed`.
@@ -257,6 +264,17 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
                 output::json(&call)?;
             } else {
                 println!("Call {id}: {}", call["status"].as_str().unwrap_or("?"));
+            }
+        }
+        CallsCmd::Recording { id, output } => {
+            let cfg = ctx.load_config()?;
+            let server = LocalServer::connect(&cfg)?;
+            let wav =
+                runtime()?.block_on(server.get_bytes(&format!("/api/v1/calls/{id}/recording")))?;
+            std::fs::write(&output, &wav)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+            if !ctx.json {
+                println!("Saved {} ({} bytes)", output.display(), wav.len());
             }
         }
     }

@@ -57,9 +57,21 @@ pub struct Config {
     pub elevenlabs: ElevenLabsConfig,
     pub llm: Vec<LlmConfig>,
     pub campaigns: CampaignsConfig,
+    /// `[retention]`: how long finished calls and recordings are kept.
+    pub retention: RetentionConfig,
     /// Where the file came from; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[retention]` (SPEC §8): finished calls (with their transcripts and events) and call
+/// recordings older than this are purged daily. `"0"` or absent keeps them forever: nothing is
+/// deleted unless the operator asks.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub calls: HumanDuration,
+    pub recordings: HumanDuration,
 }
 
 /// `[campaigns]`: limits of campaign imports.
@@ -233,6 +245,8 @@ pub struct AgentConfig {
     pub goodbye: String,
     /// The `scripted` engine's answers to caller turns, in order; then `goodbye`.
     pub script: Vec<String>,
+    /// Record calls (SPEC §8) unless the tenant or the call says otherwise.
+    pub record: bool,
 }
 
 impl Default for AgentConfig {
@@ -250,6 +264,7 @@ impl Default for AgentConfig {
                 "Thanks, I heard you. This is the voicectl demo agent.".into(),
                 "Got it. Anything else?".into(),
             ],
+            record: false,
         }
     }
 }

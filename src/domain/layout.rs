@@ -20,3 +20,10 @@ pub fn runtime_info(data_dir: &Path) -> Option<RuntimeInfo> {
     let text = std::fs::read_to_string(data_dir.join(RUNTIME_FILE)).ok()?;
     serde_json::from_str(&text).ok()
 }
+
+/// Call recordings (SPEC §8): `data_dir/recordings/<call id>.wav`.
+pub const RECORDINGS_DIR: &str = "recordings";
+
+pub fn recording_path(data_dir: &Path, call_id: &str) -> std::path::PathBuf {
+    data_dir.join(RECORDINGS_DIR).join(format!("{call_id}.wav"))
+}

@@ -26,6 +26,10 @@ pub struct TenantPatch {
     pub max_concurrent_calls: Option<u32>,
     pub calls_per_minute: Option<u32>,
     pub webhook_url: Option<String>,
+    /// Record calls (SPEC §8); a call's own `record` beats it.
+    pub record: Option<bool>,
+    /// Spoken first on recorded calls; empty clears it.
+    pub recording_notice: Option<String>,
 }
 
 pub fn validate_name(name: &str) -> Result<(), Invalid> {
@@ -66,6 +70,7 @@ impl TenantPatch {
         check_len("system_prompt", &self.system_prompt, 20_000)?;
         check_len("greeting", &self.greeting, 2_000)?;
         check_len("voice", &self.voice, 100)?;
+        check_len("recording_notice", &self.recording_notice, 1_000)?;
         if let Some(e) = self.engine.as_deref().filter(|e| !e.is_empty())
             && EngineKind::parse(e).is_none()
         {

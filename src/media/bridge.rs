@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::leg::{Leg, LegEvent};
 use super::playback::Playback;
+use super::recorder::Recorder;
 use crate::domain::EngineKind;
 use crate::domain::event::CallEvent;
 use crate::domain::ids::CallId;
@@ -55,6 +56,8 @@ pub struct BridgeContext {
     pub goodbye: String,
     pub metrics: Arc<Metrics>,
     pub breakers: Arc<Breakers>,
+    /// Where to record the call (a two-channel WAV), if it is recorded.
+    pub recording: Option<std::path::PathBuf>,
 }
 
 /// How the bridged part of a call ended.
@@ -143,18 +146,28 @@ pub struct Bridge<L: Leg> {
     /// atomics touched per frame).
     frames_in: u64,
     frames_out: u64,
+    /// Boxed: a call without recording carries one pointer, not the tap's buffers.
+    recorder: Option<Box<Recorder>>,
 }
 
 impl<L: Leg> Bridge<L> {
     /// Bridges `leg` and the engine until the call ends; returns the leg still open (the
     /// caller decides what the phone hears last) and how it ended.
-    pub async fn run(cx: BridgeContext, leg: L, engine: Result<Engine, String>) -> (L, Outcome) {
+    pub async fn run(
+        mut cx: BridgeContext,
+        leg: L,
+        engine: Result<Engine, String>,
+    ) -> (L, Outcome) {
         let now = Instant::now();
         let kind = cx.engine;
         let deadline = now + cx.max_duration;
         let silence_timeout = cx.silence_timeout;
         let end = cx.end.clone();
         let wind_down = cx.wind_down.clone();
+        let recorder = cx
+            .recording
+            .take()
+            .map(|path| Box::new(Recorder::start(path, now)));
         let mut b = Bridge {
             cx,
             leg,
@@ -171,6 +184,7 @@ impl<L: Leg> Bridge<L> {
             latency: Latency::default(),
             frames_in: 0,
             frames_out: 0,
+            recorder,
         };
         let mut engine = match engine {
             Ok(e) => e,
@@ -198,6 +212,9 @@ impl<L: Leg> Bridge<L> {
                         LegEvent::Audio(payload) => {
                             b.frames_in += 1;
                             b.last_media = Instant::now();
+                            if let Some(r) = &mut b.recorder {
+                                r.caller_audio(&payload, b.last_media);
+                            }
                             if let Err(e) = engine.caller_audio(&payload).await {
                                 break ("engine_error", Some(e.to_string()));
                             }
@@ -227,6 +244,9 @@ impl<L: Leg> Bridge<L> {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    if let Some(r) = &mut b.recorder {
+                        r.flush(now);
+                    }
                     if let Some(seq) = b.playback.mark_tail() {
                         let sent = match b.leg.feed_mark(seq).await {
                             Ok(()) => b.leg.flush().await,
@@ -311,7 +331,11 @@ impl<L: Leg> Bridge<L> {
                 if let Some(t) = self.latency.turn_from.take() {
                     self.latency.turn_ms.push(ms_since(t));
                 }
-                let seq = self.playback.sent(&item, bytes, Instant::now());
+                let now = Instant::now();
+                if let Some(r) = &mut self.recorder {
+                    r.agent_audio(&payload_b64, now);
+                }
+                let seq = self.playback.sent(&item, bytes, now);
                 self.leg.feed_audio(&payload_b64).await?;
                 if let Some(seq) = seq {
                     self.leg.feed_mark(seq).await?;
@@ -343,7 +367,11 @@ impl<L: Leg> Bridge<L> {
                 if self.playback.pending() && self.hangup.is_none() {
                     self.leg.clear().await?;
                     self.latency.barge_in_ms.push(ms_since(heard));
-                    if let Some((item, played)) = self.playback.cleared(Instant::now()) {
+                    let now = Instant::now();
+                    if let Some(r) = &mut self.recorder {
+                        r.cleared(self.playback.unplayed(now));
+                    }
+                    if let Some((item, played)) = self.playback.cleared(now) {
                         tracing::info!(item = %item, played_ms = played / 8, "barge-in");
                         self.dropped_items.insert(item.clone());
                         engine
@@ -416,6 +444,20 @@ impl<L: Leg> Bridge<L> {
         self.flush_transcript().await;
         note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;
         self.flush_frame_counts();
+        if let Some(r) = self.recorder.take() {
+            // What was still queued at the phone when the call ended was never heard.
+            let result = r.finish(self.playback.unplayed(Instant::now())).await;
+            let json = result.to_json();
+            let id = self.cx.call_id.to_string();
+            if let Err(e) = self
+                .cx
+                .store
+                .run(move |c| crate::store::recording::set_call_recording(c, &id, &json))
+                .await
+            {
+                tracing::error!(error = %e, "cannot store the recording status");
+            }
+        }
         let engine = self.cx.engine.as_str();
         let m = &self.cx.metrics;
         if let Some(g) = self.latency.greeting_ms {
@@ -511,6 +553,7 @@ mod tests {
             goodbye: "Bye.".into(),
             metrics: Arc::new(Metrics::new()),
             breakers: Arc::new(Breakers::default()),
+            recording: None,
         };
         let engine = Engine::Scripted(Box::new(ScriptedEngine::new(CallContext {
             call_id,
@@ -563,6 +606,7 @@ mod tests {
             goodbye: "Bye.".into(),
             metrics: Arc::new(Metrics::new()),
             breakers: Arc::new(Breakers::default()),
+            recording: None,
         };
         let leg = FakeLeg {
             hang_up_at: Instant::now() + Duration::from_secs(60),

@@ -56,6 +56,11 @@ impl Playback {
         (self.anchor_bytes + elapsed * 8).min(self.sent_total)
     }
 
+    /// Agent bytes sent but not yet played: what a `clear` now would drop.
+    pub(super) fn unplayed(&self, now: Instant) -> u64 {
+        self.sent_total - self.played(now)
+    }
+
     pub(super) fn pending(&self) -> bool {
         !self.marks.is_empty() || self.unmarked > 0
     }

@@ -203,6 +203,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Outbound requests to tenant-supplied URLs refused by the guard, by reason.
     pub outbound_refused: Family<Counter>,
+    /// Rows and files deleted by retention, by kind (`calls`, `recordings`).
+    pub retention_purged: Family<Counter>,
     registry: Registry,
 }
 
@@ -244,6 +246,7 @@ impl Metrics {
             connections_refused: Family::counter(&["reason"]),
             connections_open: Gauge::default(),
             outbound_refused: Family::counter(&["reason"]),
+            retention_purged: Family::counter(&["kind"]),
             registry: Registry::default(),
         };
         m.registered()
@@ -356,6 +359,11 @@ impl Metrics {
             r,
             "voicectl_outbound_refused",
             "Requests to tenant-supplied URLs refused (scheme, address, redirect).",
+        );
+        self.retention_purged.register(
+            r,
+            "voicectl_retention_purged",
+            "Finished calls and call recordings deleted by [retention], by kind.",
         );
         self.engine_circuit_state.register(
             r,

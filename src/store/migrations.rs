@@ -233,6 +233,15 @@ ALTER TABLE calls ADD COLUMN campaign_id TEXT;
 ALTER TABLE calls ADD COLUMN recipient_id INTEGER;
 CREATE INDEX calls_campaign ON calls(campaign_id) WHERE campaign_id IS NOT NULL;
 "#,
+    // 7: recording (SPEC §8): the tenant's and the call's `record` choice (NULL: not set, the
+    // next level decides), the tenant's spoken notice, and the call's recording status (JSON
+    // `{"status": "recorded"|"failed", "error"?}`; NULL: not recorded).
+    r#"
+ALTER TABLE tenants ADD COLUMN record INTEGER;
+ALTER TABLE tenants ADD COLUMN recording_notice TEXT;
+ALTER TABLE calls ADD COLUMN record INTEGER;
+ALTER TABLE calls ADD COLUMN recording TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -12,6 +12,8 @@ pub mod campaigns;
 pub mod jobs;
 pub mod keys;
 mod migrations;
+pub mod recording;
+pub mod retention;
 pub mod sessions;
 pub mod tenants;
 

@@ -28,6 +28,10 @@ pub struct Tenant {
     pub webhook_secret: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// Record this tenant's calls (`None`: the server default).
+    pub record: Option<bool>,
+    /// Spoken first on recorded calls.
+    pub recording_notice: Option<String>,
 }
 
 fn empty_to_none(v: Option<String>) -> Option<Option<String>> {
@@ -36,7 +40,7 @@ fn empty_to_none(v: Option<String>) -> Option<Option<String>> {
 
 const COLUMNS: &str = "id, name, company, agent_name, system_prompt, greeting, voice, engine, \
      from_number, max_concurrent_calls, calls_per_minute, webhook_url, webhook_secret, \
-     created_at, updated_at";
+     created_at, updated_at, record, recording_notice";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
     Ok(Tenant {
@@ -56,6 +60,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
         created_at: rfc3339(r.get(13)?),
         updated_at: rfc3339(r.get(14)?),
         numbers: Vec::new(),
+        record: r.get(15)?,
+        recording_notice: r.get(16)?,
     })
 }
 
@@ -139,6 +145,7 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
     )?;
     let id = tx.last_insert_rowid();
     set_numbers(&tx, id, p.numbers.as_deref().unwrap_or_default())?;
+    super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
     tx.commit()?;
     get(conn, &name)
 }
@@ -232,6 +239,7 @@ pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenan
     if let Some(numbers) = &p.numbers {
         set_numbers(&tx, id, numbers)?;
     }
+    super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
     tx.execute(
         "UPDATE tenants SET updated_at = ?1 WHERE id = ?2",
         params![now_ms(), id],

@@ -16,6 +16,7 @@ mod openapi;
 mod ops;
 mod pipeline;
 mod proxy;
+mod recording;
 mod serve;
 mod support;
 mod tls;

@@ -37,6 +37,10 @@ pub struct Call {
     /// Pipeline calls: `{"stt", "llm", "tts"}` providers used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub providers: Option<serde_json::Value>,
+    /// Recorded calls: `{"status": "recorded", "duration_seconds"}` or `{"status": "failed",
+    /// "error"}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recording: Option<serde_json::Value>,
     #[serde(skip)]
     pub created_ms: i64,
 }
@@ -71,7 +75,7 @@ pub struct NewCall {
 
 pub(super) const COLUMNS: &str = "c.id, t.name, c.direction, c.to_number, c.from_number, c.status, c.engine, \
      c.twilio_call_sid, c.answered_by, c.created_at, c.started_at, c.ended_at, \
-     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers \
+     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers, c.recording \
      FROM calls c JOIN tenants t ON t.id = c.tenant_id";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
@@ -109,6 +113,9 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
             .and_then(|l| serde_json::from_str(&l).ok()),
         providers: r
             .get::<_, Option<String>>(17)?
+            .and_then(|l| serde_json::from_str(&l).ok()),
+        recording: r
+            .get::<_, Option<String>>(18)?
             .and_then(|l| serde_json::from_str(&l).ok()),
         created_ms,
     })
@@ -307,13 +314,15 @@ pub struct CallDetail {
     pub voice: Option<String>,
     pub max_duration_secs: Option<i64>,
     pub machine_detection: bool,
+    /// The call's own `record` choice.
+    pub record: Option<bool>,
 }
 
 pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
     let call = get(conn, Scope::All, id)?;
     conn.query_row(
-        "SELECT tenant_id, system_prompt, greeting, voice, max_duration_secs, machine_detection \
-         FROM calls WHERE id = ?1",
+        "SELECT tenant_id, system_prompt, greeting, voice, max_duration_secs, machine_detection, \
+         record FROM calls WHERE id = ?1",
         [id],
         |r| {
             Ok(CallDetail {
@@ -324,6 +333,7 @@ pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
                 voice: r.get(3)?,
                 max_duration_secs: r.get(4)?,
                 machine_detection: r.get(5)?,
+                record: r.get(6)?,
             })
         },
     )
