@@ -8,6 +8,7 @@ mod health;
 mod ops;
 pub mod status;
 mod tenants;
+mod tools;
 mod twilio;
 pub mod ui;
 
@@ -36,6 +37,7 @@ pub fn app(state: AppState) -> Router {
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())
+        .merge(tools::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     // Our own routes. `/api/v1/*` and `/twilio/*` are reserved as a whole (their 404s are
     // ours), the rest are exact paths. `route_layer` keeps the small body limit and the error

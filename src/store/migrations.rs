@@ -233,6 +233,17 @@ ALTER TABLE calls ADD COLUMN campaign_id TEXT;
 ALTER TABLE calls ADD COLUMN recipient_id INTEGER;
 CREATE INDEX calls_campaign ON calls(campaign_id) WHERE campaign_id IS NOT NULL;
 "#,
+    // 7: tenant HTTP tools (SPEC §8): one JSON definition per tenant and name.
+    r#"
+CREATE TABLE tools (
+    tenant_id  INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, name)
+) STRICT, WITHOUT ROWID;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {
