@@ -25,6 +25,7 @@ mod session;
 mod setup;
 mod shared;
 mod stream;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
