@@ -18,6 +18,7 @@ mod answer;
 pub mod campaigns;
 mod dialer;
 mod error;
+mod handover;
 mod intake;
 pub mod jobs;
 mod lifecycle;

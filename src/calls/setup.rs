@@ -47,6 +47,7 @@ impl CallSetup {
                 .unwrap_or_else(|| cfg.agent.voice.clone()),
             script: cfg.agent.script.clone(),
             goodbye: cfg.agent.goodbye.clone(),
+            tools: Vec::new(),
         };
         CallSetup {
             ctx,

@@ -4,3 +4,4 @@
 pub mod bridge;
 pub mod leg;
 mod playback;
+pub mod tools;

@@ -233,8 +233,22 @@ ALTER TABLE calls ADD COLUMN campaign_id TEXT;
 ALTER TABLE calls ADD COLUMN recipient_id INTEGER;
 CREATE INDEX calls_campaign ON calls(campaign_id) WHERE campaign_id IS NOT NULL;
 "#,
-    // 7: tenant HTTP tools (SPEC §8): one JSON definition per tenant and name.
+    // 7: tenant HTTP tools (SPEC §8): one JSON definition per tenant and name; transcript
+    // lines may be the tool's (`speaker = 'tool'`), which the CHECK needs a table rebuild for.
     r#"
+CREATE TABLE transcript_entries_v7 (
+    id      INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    speaker TEXT NOT NULL CHECK (speaker IN ('agent', 'caller', 'tool')),
+    text    TEXT NOT NULL,
+    at_ms   INTEGER NOT NULL
+) STRICT;
+INSERT INTO transcript_entries_v7 (id, call_id, speaker, text, at_ms)
+    SELECT id, call_id, speaker, text, at_ms FROM transcript_entries;
+DROP TABLE transcript_entries;
+ALTER TABLE transcript_entries_v7 RENAME TO transcript_entries;
+CREATE INDEX transcript_entries_call ON transcript_entries(call_id, at_ms, id);
+
 CREATE TABLE tools (
     tenant_id  INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
     name       TEXT NOT NULL,

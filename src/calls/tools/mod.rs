@@ -177,5 +177,7 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> ToolError {
     }
 }
 
+mod run;
+
 #[cfg(test)]
 mod tests;
