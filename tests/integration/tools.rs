@@ -227,3 +227,197 @@ async fn tools_cli_list_show_set_rm() {
             .is_empty()
     );
 }
+
+// ---- Whole calls: the scripted engine calls tools (real router, workers and simulator). ----
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::e2e::{Opts, Stack, stack};
+use twilio_sim::{CallerScript, Scenario, Step};
+
+type Seen = Arc<Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
+
+/// A loopback tenant endpoint: `/orders` answers after `delay`, `/hook` takes webhooks.
+async fn tenant_endpoint(delay: Duration) -> (String, Seen) {
+    use axum::routing::post;
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            post(
+                move |h: axum::http::HeaderMap, b: axum::body::Bytes| async move {
+                    s.lock().unwrap().push((h, b.to_vec()));
+                    tokio::time::sleep(delay).await;
+                    r#"{"status":"shipped"}"#
+                },
+            ),
+        )
+        .route("/hook", post(|| async { "ok" }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (base, seen)
+}
+
+async fn tool_stack(script: &[&str], base: &str, on_interrupt: &str) -> Stack {
+    let script: Vec<String> = script.iter().map(|s| s.to_string()).collect();
+    let s = stack(Opts {
+        webhook_url: Some(format!("{base}/hook")),
+        tweak: Box::new(move |c| {
+            c.server.allow_private_targets = vec!["127.0.0.1".into()];
+            c.agent.script = script;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let def: voicectl::domain::tool::ToolDefinition = serde_json::from_value(json!({
+        "description": "Look up an order",
+        "parameters": {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]},
+        "url": format!("{base}/orders"),
+        "timeout": "5s",
+        "on_interrupt": on_interrupt,
+        "messages": {"start": "One moment please, let me look that up for you right now."}
+    }))
+    .unwrap();
+    s.store
+        .blocking(move |c| {
+            let t = voicectl::store::tenants::get(c, "acme")?.id;
+            voicectl::store::tools::put(c, t, "lookup_order", &def).map(|_| ())
+        })
+        .unwrap();
+    s
+}
+
+fn texts(transcript: &[Value], speaker: &str) -> Vec<String> {
+    transcript
+        .iter()
+        .filter(|e| e["speaker"] == speaker)
+        .map(|e| e["text"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_scripted_call_uses_a_tenant_tool_then_ends_with_end_call() {
+    let (base, seen) = tenant_endpoint(Duration::from_millis(300)).await;
+    let s = tool_stack(
+        &[r#"tool:lookup_order {"order":"123"}"#, "tool:end_call"],
+        &base,
+        "finish",
+    )
+    .await;
+    s.sim.set_scenario(
+        "+14155550701",
+        Scenario::answer(CallerScript::new(vec![
+            Step::WaitForAgentSilence { min_ms: 300 },
+            Step::Speak(600),
+            Step::WaitForAgentSilence { min_ms: 1200 },
+            Step::Speak(600),
+            Step::WaitForAgentSilence { min_ms: 8000 },
+        ])),
+    );
+    let id = s.call("+14155550701").await;
+    let events = s.follow(&id, Duration::from_secs(30)).await;
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "agent_hangup", "{call}");
+
+    // Exactly one signed request with the tool call id as Idempotency-Key.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    let (h, body) = &seen[0];
+    assert_eq!(h["idempotency-key"], "scripted_call_1");
+    let secret = s
+        .store
+        .blocking(|c| {
+            Ok(voicectl::store::tenants::get(c, "acme")?
+                .webhook_secret
+                .unwrap())
+        })
+        .unwrap();
+    let sig = h["x-voicectl-signature"].to_str().unwrap();
+    let t: i64 = sig[2..sig.find(',').unwrap()].parse().unwrap();
+    assert_eq!(sig, voicectl::calls::jobs::signature(&secret, t, body));
+    let payload: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(payload["tool"], "lookup_order");
+    assert_eq!(payload["arguments"]["order"], "123");
+    assert_eq!(payload["call"]["id"], id.as_str());
+    assert_eq!(payload["call"]["to"], "+14155550701");
+
+    // The answer reached the engine (the scripted agent reads it out), and the tool lines are
+    // in the transcript and the live events.
+    let tr = s.transcript(&id).await;
+    let tool = texts(&tr, "tool");
+    assert!(
+        tool.iter().any(|t| t.starts_with("lookup_order ")),
+        "{tool:?}"
+    );
+    assert!(
+        tool.iter().any(|t| t.contains(r#"{"status":"shipped"}"#)),
+        "{tool:?}"
+    );
+    assert!(tool.iter().any(|t| t.starts_with("end_call")), "{tool:?}");
+    let agent = texts(&tr, "agent");
+    assert!(
+        agent.iter().any(|t| t == r#"{"status":"shipped"}"#),
+        "{agent:?}"
+    );
+    assert!(
+        agent.iter().any(|t| t.starts_with("One moment")),
+        "{agent:?}"
+    );
+    assert_eq!(agent.last().map(String::as_str), Some("Bye"), "{agent:?}");
+    assert!(
+        events.iter().any(|(_, v)| v["speaker"] == "tool"),
+        "tool lines in the SSE events"
+    );
+}
+
+/// The caller talks over the agent while a slow tool runs.
+async fn barge_in_during_a_slow_tool(
+    on_interrupt: &str,
+    to: &str,
+) -> (Vec<String>, Vec<String>, usize) {
+    let (base, seen) = tenant_endpoint(Duration::from_millis(1500)).await;
+    let s = tool_stack(
+        &[r#"tool:lookup_order {"order":"9"}"#, "Sure."],
+        &base,
+        on_interrupt,
+    )
+    .await;
+    s.sim.set_scenario(
+        to,
+        Scenario::answer(CallerScript::new(vec![
+            Step::WaitForAgentSilence { min_ms: 300 },
+            Step::Speak(600),
+            Step::SpeakWhileAgentTalks {
+                after_ms: 300,
+                speak_ms: 600,
+            },
+            Step::Silence(2500),
+            Step::WaitForAgentSilence { min_ms: 500 },
+            Step::Hangup,
+        ])),
+    );
+    let id = s.call(to).await;
+    s.follow(&id, Duration::from_secs(30)).await;
+    let tr = s.transcript(&id).await;
+    let n = seen.lock().unwrap().len();
+    (texts(&tr, "tool"), texts(&tr, "agent"), n)
+}
+
+#[tokio::test]
+async fn barge_in_during_a_slow_tool_keeps_the_result_with_finish() {
+    let (tool, agent, requests) = barge_in_during_a_slow_tool("finish", "+14155550702").await;
+    assert_eq!(requests, 1);
+    assert!(tool.iter().any(|t| t.contains("shipped")), "{tool:?}");
+    assert!(agent.iter().any(|t| t.contains("shipped")), "{agent:?}");
+}
+
+#[tokio::test]
+async fn barge_in_during_a_slow_tool_drops_the_result_with_cancel() {
+    let (tool, agent, requests) = barge_in_during_a_slow_tool("cancel", "+14155550703").await;
+    assert_eq!(requests, 1);
+    assert!(tool.iter().any(|t| t.contains("cancelled")), "{tool:?}");
+    assert!(!agent.iter().any(|t| t.contains("shipped")), "{agent:?}");
+}
