@@ -421,3 +421,52 @@ async fn barge_in_during_a_slow_tool_drops_the_result_with_cancel() {
     assert!(tool.iter().any(|t| t.contains("cancelled")), "{tool:?}");
     assert!(!agent.iter().any(|t| t.contains("shipped")), "{agent:?}");
 }
+
+#[tokio::test]
+async fn unknown_tools_and_bad_arguments_make_no_request_and_opt_out_ends_the_call() {
+    let (base, seen) = tenant_endpoint(Duration::from_millis(10)).await;
+    let s = tool_stack(
+        &[
+            r#"tool:no_such_tool {"x":1}"#,
+            r#"tool:lookup_order {"order":5}"#,
+            "tool:opt_out",
+        ],
+        &base,
+        "finish",
+    )
+    .await;
+    let mut steps = vec![Step::WaitForAgentSilence { min_ms: 300 }];
+    for _ in 0..3 {
+        steps.push(Step::Speak(600));
+        steps.push(Step::WaitForAgentSilence { min_ms: 400 });
+    }
+    steps.push(Step::Silence(3000));
+    s.sim
+        .set_scenario("+14155550704", Scenario::answer(CallerScript::new(steps)));
+    let id = s.call("+14155550704").await;
+    s.follow(&id, Duration::from_secs(30)).await;
+    assert!(seen.lock().unwrap().is_empty(), "no request was made");
+    let tr = s.transcript(&id).await;
+    let tool = texts(&tr, "tool");
+    assert!(
+        tool.iter()
+            .any(|t| t.contains("there is no tool named \"no_such_tool\"")),
+        "{tool:?}"
+    );
+    assert!(
+        tool.iter()
+            .any(|t| t.contains("do not match the tool's parameters") && t.contains("/order")),
+        "{tool:?}"
+    );
+    assert!(tool.iter().any(|t| t.contains("do-not-call")), "{tool:?}");
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "opt_out", "{call}");
+    let dnc = s
+        .store
+        .blocking(|c| {
+            let t = voicectl::store::tenants::get(c, "acme")?.id;
+            voicectl::store::campaigns::dnc_list(c, t)
+        })
+        .unwrap();
+    assert_eq!(dnc, vec!["+14155550704".to_string()]);
+}
