@@ -67,15 +67,19 @@ impl Shared {
     /// Everything needed to run the engine for call `id`.
     pub async fn call_setup(&self, id: &str) -> Result<CallSetup, StoreError> {
         let cid = id.to_owned();
-        let (detail, tenant) = self
+        let (detail, tenant, tools) = self
             .store
             .run(move |c| {
                 let d = calls::detail(c, &cid)?;
                 let t = tenants::get_by_id(c, d.tenant_id)?;
-                Ok((d, t))
+                let tools = crate::store::tools::list(c, d.tenant_id)?;
+                Ok((d, t, tools))
             })
             .await?;
-        Ok(CallSetup::resolve(detail, tenant, &self.config()))
+        let mut setup = CallSetup::resolve(detail, tenant, &self.config());
+        // The engine may be opened here, while the phone rings: it needs the functions now.
+        setup.ctx.tools = super::tools::specs(&tools);
+        Ok(setup)
     }
 
     /// Opens the call's engine session now, while the phone rings, so the greeting can

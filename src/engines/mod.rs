@@ -233,7 +233,8 @@ impl Engine {
                 e.tool_result(id, output);
                 Ok(())
             }
-            Engine::OpenAi(_) | Engine::UltravoxWs(_) | Engine::Pipeline(_) => Ok(()),
+            Engine::OpenAi(e) => e.tool_result(id, output).await,
+            Engine::UltravoxWs(_) | Engine::Pipeline(_) => Ok(()),
         }
     }
 

@@ -179,5 +179,7 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> ToolError {
 
 mod run;
 
+pub(crate) use run::specs;
+
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,17 @@ fn built_ins(transfer: bool) -> Vec<ToolSpec> {
     v
 }
 
+/// What a call offers the engine: the built-ins, then the tenant's tools.
+pub(crate) fn specs(stored: &[db::Tool]) -> Vec<ToolSpec> {
+    let mut specs = built_ins(false);
+    specs.extend(stored.iter().map(|t| ToolSpec {
+        name: t.name.clone(),
+        description: t.definition.description.clone(),
+        parameters: t.definition.parameters.clone(),
+    }));
+    specs
+}
+
 impl Shared {
     /// Loads the tenant's tools for `call` and starts its executor: the functions to offer
     /// the engine, and the link the bridge holds. The executor ends when the bridge drops it.
@@ -84,12 +95,7 @@ impl Shared {
         };
         let cfg = self.config();
         let allow = cfg.server.allow_private_targets.clone();
-        let mut specs = built_ins(false);
-        specs.extend(stored.iter().map(|t| ToolSpec {
-            name: t.name.clone(),
-            description: t.definition.description.clone(),
-            parameters: t.definition.parameters.clone(),
-        }));
+        let specs = specs(&stored);
         let party = match call.direction {
             Direction::Inbound => call.from.clone(),
             _ => call.to.clone(),
