@@ -9,6 +9,7 @@ mod ops;
 mod recording;
 pub mod status;
 mod tenants;
+mod tools;
 mod twilio;
 pub mod ui;
 
@@ -43,6 +44,7 @@ fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())
+        .merge(tools::routes())
         .split_for_parts();
     let (uploads, upload_doc) = campaigns::upload_routes().split_for_parts();
     doc.merge(upload_doc);

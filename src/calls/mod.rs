@@ -18,6 +18,7 @@ mod answer;
 pub mod campaigns;
 mod dialer;
 mod error;
+mod handover;
 mod intake;
 pub mod jobs;
 mod lifecycle;
@@ -26,6 +27,7 @@ mod session;
 mod setup;
 mod shared;
 mod stream;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -51,6 +51,7 @@ impl CallSetup {
                 .unwrap_or_else(|| cfg.agent.voice.clone()),
             script: cfg.agent.script.clone(),
             goodbye: cfg.agent.goodbye.clone(),
+            tools: Vec::new(),
         };
         if let Some(n) = notice {
             // Spoken first, before anything else the agent says (SPEC §8).
@@ -79,15 +80,19 @@ impl Shared {
     /// Everything needed to run the engine for call `id`.
     pub async fn call_setup(&self, id: &str) -> Result<CallSetup, StoreError> {
         let cid = id.to_owned();
-        let (detail, tenant) = self
+        let (detail, tenant, tools) = self
             .store
             .run(move |c| {
                 let d = calls::detail(c, &cid)?;
                 let t = tenants::get_by_id(c, d.tenant_id)?;
-                Ok((d, t))
+                let tools = crate::store::tools::list(c, d.tenant_id)?;
+                Ok((d, t, tools))
             })
             .await?;
-        Ok(CallSetup::resolve(detail, tenant, &self.config()))
+        let mut setup = CallSetup::resolve(detail, tenant, &self.config());
+        // The engine may be opened here, while the phone rings: it needs the functions now.
+        setup.ctx.tools = super::tools::specs(&tools);
+        Ok(setup)
     }
 
     /// Opens the call's engine session now, while the phone rings, so the greeting can

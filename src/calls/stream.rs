@@ -46,7 +46,10 @@ impl Shared {
         tracing::Instrument::instrument(
             async move {
                 let cfg = self.config();
-                let setup = CallSetup::resolve(data.detail, data.tenant, &cfg);
+                let (tool_specs, tool_link) =
+                    self.start_tools(&data.detail.call, &data.tenant).await;
+                let mut setup = CallSetup::resolve(data.detail, data.tenant, &cfg);
+                setup.ctx.tools = tool_specs;
                 let id = call_id.as_str();
                 let session = self.sessions.get_or_create(id);
                 let _bridged = self.sessions.bridge_started(session.clone());
@@ -73,6 +76,7 @@ impl Shared {
                     metrics: self.metrics.clone(),
                     breakers: self.breakers.clone(),
                     recording,
+                    tools: Some(tool_link),
                 };
                 let engine = self
                     .take_engine(id, setup)

@@ -10,6 +10,7 @@ pub mod init;
 mod open;
 mod output;
 mod status;
+mod tools;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -67,6 +68,9 @@ pub enum Command {
     /// The tenant's do-not-call list
     #[command(subcommand)]
     Dnc(campaign::DncCmd),
+    /// The tenant's HTTP tools the agent may call during a call
+    #[command(subcommand)]
+    Tools(tools::ToolsCmd),
     /// Tenant management (works whether or not the server runs)
     #[command(subcommand)]
     Tenant(admin::TenantCmd),
@@ -199,6 +203,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calls(cmd) => calls::run(&ctx, cmd),
         Command::Campaign(cmd) => campaign::campaign(&ctx, cmd),
         Command::Dnc(cmd) => campaign::dnc(&ctx, cmd),
+        Command::Tools(cmd) => tools::run(&ctx, cmd),
         Command::Tenant(cmd) => admin::tenant(&ctx, cmd),
         Command::Key(cmd) => admin::key(&ctx, cmd),
         Command::Backup { path } => admin::backup(&ctx, &path),

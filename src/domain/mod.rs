@@ -17,6 +17,7 @@ pub mod phone;
 pub mod phrases;
 pub mod tenant;
 pub mod timefmt;
+pub mod tool;
 
 pub use call::{CallStatus, Direction};
 pub use engine::EngineKind;

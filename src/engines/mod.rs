@@ -70,6 +70,17 @@ pub struct CallContext {
     /// Lines the scripted engine answers caller turns with, in order.
     pub script: Vec<String>,
     pub goodbye: String,
+    /// Functions the model may call (the tenant's tools and the built-ins).
+    pub tools: Vec<ToolSpec>,
+}
+
+/// One function offered to the model: OpenAI's function shape, which Ultravox and the
+/// pipeline's chat models take too.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
 }
 
 /// One utterance of the agent; barge-in accounting is per item.
@@ -96,6 +107,12 @@ pub enum EngineEvent {
     TurnStats(pipeline::TurnStats),
     /// Pipeline: the providers serving the call (sent again when a fallback changes them).
     Providers(pipeline::Providers),
+    /// The model calls a function; answer with [`Engine::tool_result`] under the same `id`.
+    ToolCall {
+        id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +222,19 @@ impl Engine {
             Engine::OpenAi(e) => e.next_event().await,
             Engine::UltravoxWs(e) => e.next_event().await,
             Engine::Pipeline(e) => e.next_event().await,
+        }
+    }
+
+    /// The answer to tool call `id` (the tool's output, or an error text the model can read).
+    /// Engines that never emit [`EngineEvent::ToolCall`] have nothing to answer.
+    pub async fn tool_result(&mut self, id: &str, output: &str) -> Result<(), EngineError> {
+        match self {
+            Engine::Scripted(e) => {
+                e.tool_result(id, output);
+                Ok(())
+            }
+            Engine::OpenAi(e) => e.tool_result(id, output).await,
+            Engine::UltravoxWs(_) | Engine::Pipeline(_) => Ok(()),
         }
     }
 

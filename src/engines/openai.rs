@@ -45,6 +45,12 @@ struct ServerEvent<'a> {
     transcript: Option<String>,
     #[serde(default)]
     error: Option<ErrorBody>,
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +139,17 @@ impl RealtimeEngine {
                 },
             })
         };
+        let mut session = session;
+        if !ctx.tools.is_empty() {
+            // Same function shape in the beta and GA protocols.
+            let tools: Vec<_> = ctx
+                .tools
+                .iter()
+                .map(|t| json!({"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}))
+                .collect();
+            session["tools"] = json!(tools);
+            session["tool_choice"] = json!("auto");
+        }
         engine
             .send_json(&json!({"type": "session.update", "session": session}))
             .await?;
@@ -288,6 +305,15 @@ impl RealtimeEngine {
                         });
                     }
                 }
+                "response.function_call_arguments.done" => {
+                    if let (Some(id), Some(name)) = (ev.call_id, ev.name) {
+                        return Ok(EngineEvent::ToolCall {
+                            id,
+                            name,
+                            arguments: ev.arguments.unwrap_or_default(),
+                        });
+                    }
+                }
                 "input_audio_buffer.speech_started" => return Ok(EngineEvent::CallerSpeechStarted),
                 "input_audio_buffer.speech_stopped" => return Ok(EngineEvent::CallerSpeechStopped),
                 "error" => {
@@ -311,6 +337,16 @@ impl RealtimeEngine {
                 _ => {}
             }
         }
+    }
+
+    /// The function's output joins the conversation, then the model answers with it.
+    pub async fn tool_result(&mut self, id: &str, output: &str) -> Result<(), EngineError> {
+        self.send_json(&json!({
+            "type": "conversation.item.create",
+            "item": {"type": "function_call_output", "call_id": id, "output": output},
+        }))
+        .await?;
+        self.send_json(&json!({"type": "response.create"})).await
     }
 
     pub async fn close(mut self) {

@@ -30,6 +30,7 @@ pub struct ScriptedEngine {
     items: u32,
     done: bool,
     decode_buf: Vec<u8>,
+    tool_calls: u32,
 }
 
 impl ScriptedEngine {
@@ -45,6 +46,7 @@ impl ScriptedEngine {
             items: 0,
             done: false,
             decode_buf: Vec::with_capacity(crate::audio::MULAW_FRAME_BYTES),
+            tool_calls: 0,
         }
     }
 
@@ -114,7 +116,17 @@ impl ScriptedEngine {
         match self.ctx.script.get(self.next_line).cloned() {
             Some(line) => {
                 self.next_line += 1;
-                self.say(&line);
+                match parse_tool_line(&line) {
+                    Some((name, arguments)) => {
+                        self.tool_calls += 1;
+                        self.out.push_back(EngineEvent::ToolCall {
+                            id: format!("scripted_call_{}", self.tool_calls),
+                            name: name.to_owned(),
+                            arguments: arguments.to_owned(),
+                        });
+                    }
+                    None => self.say(&line),
+                }
             }
             None => {
                 let bye = self.ctx.goodbye.clone();
@@ -133,6 +145,12 @@ impl ScriptedEngine {
             .retain(|e| !matches!(e, EngineEvent::AgentAudio { item: i, .. } if i == item));
     }
 
+    /// A tool answered: the agent reads (the start of) the answer out.
+    pub fn tool_result(&mut self, _id: &str, output: &str) {
+        let short: String = output.chars().take(200).collect();
+        self.say(&short);
+    }
+
     pub async fn next_event(&mut self) -> EngineEvent {
         match self.out.pop_front() {
             Some(e) => e,
@@ -140,6 +158,15 @@ impl ScriptedEngine {
             None => std::future::pending().await,
         }
     }
+}
+
+/// A script line `tool:NAME {json arguments}` makes the engine call tool NAME instead of
+/// speaking (the arguments may be omitted: `{}`).
+fn parse_tool_line(line: &str) -> Option<(&str, &str)> {
+    let rest = line.trim().strip_prefix("tool:")?;
+    let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let args = args.trim();
+    Some((name, if args.is_empty() { "{}" } else { args }))
 }
 
 /// A voice-like signal for `text`: ~55 ms per character (0.6–6 s), a 140 Hz fundamental with
@@ -176,6 +203,7 @@ mod tests {
             voice: "alloy".into(),
             script: vec!["One".into()],
             goodbye: "Bye".into(),
+            tools: Vec::new(),
         }
     }
 
@@ -226,6 +254,40 @@ mod tests {
             )));
             let hung_up = ev.iter().any(|e| matches!(e, EngineEvent::Hangup { .. }));
             assert_eq!(hung_up, turn == 1, "hangs up after the script runs out");
+        }
+    }
+
+    #[test]
+    fn a_tool_line_calls_the_tool_and_the_answer_is_spoken() {
+        let mut c = ctx();
+        c.script = vec![
+            r#"tool:lookup_order {"order":"123"}"#.into(),
+            "tool:end_call".into(),
+        ];
+        let mut e = ScriptedEngine::new(c);
+        for expect in [("lookup_order", r#"{"order":"123"}"#), ("end_call", "{}")] {
+            for _ in 0..25 {
+                e.caller_audio(&frame(true));
+            }
+            for _ in 0..25 {
+                e.caller_audio(&frame(false));
+            }
+            let ev = drain(&mut e);
+            let call = ev.iter().find_map(|e| match e {
+                EngineEvent::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                } => Some((id.clone(), name.clone(), arguments.clone())),
+                _ => None,
+            });
+            let (id, name, args) = call.expect("a tool call");
+            assert_eq!((name.as_str(), args.as_str()), expect);
+            e.tool_result(&id, "shipped");
+            assert!(drain(&mut e).iter().any(|e| matches!(
+                e,
+                EngineEvent::Transcript { speaker: Speaker::Agent, text } if text == "shipped"
+            )));
         }
     }
 

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::leg::{Leg, LegEvent};
 use super::playback::Playback;
 use super::recorder::Recorder;
+use super::tools::{ToolCallEvent, ToolLink, ToolReply};
 use crate::domain::EngineKind;
 use crate::domain::event::CallEvent;
 use crate::domain::ids::CallId;
@@ -58,6 +59,8 @@ pub struct BridgeContext {
     pub breakers: Arc<Breakers>,
     /// Where to record the call (a two-channel WAV), if it is recorded.
     pub recording: Option<std::path::PathBuf>,
+    /// The call domain's tool executor; `None`: tool calls are answered "not available".
+    pub tools: Option<ToolLink>,
 }
 
 /// How the bridged part of a call ended.
@@ -291,6 +294,11 @@ impl<L: Leg> Bridge<L> {
                         b.flush_frame_counts();
                     }
                 }
+                reply = ToolLink::next(&mut b.cx.tools) => {
+                    if let Err(e) = b.on_tool_reply(&mut engine, reply).await {
+                        break ("engine_error", Some(e));
+                    }
+                }
                 _ = &mut ended => break ("ended", None),
                 _ = &mut winding, if !winding_down => {
                     winding_down = true;
@@ -374,6 +382,9 @@ impl<L: Leg> Bridge<L> {
                     if let Some((item, played)) = self.playback.cleared(now) {
                         tracing::info!(item = %item, played_ms = played / 8, "barge-in");
                         self.dropped_items.insert(item.clone());
+                        if let Some(l) = &self.cx.tools {
+                            l.barge_ins.send_modify(|n| *n += 1);
+                        }
                         engine
                             .interrupted(&item, played / 8)
                             .await
@@ -407,6 +418,66 @@ impl<L: Leg> Bridge<L> {
                 self.latency.turns.push(t);
             }
             EngineEvent::Providers(p) => self.latency.providers = Some(p),
+            EngineEvent::ToolCall {
+                id,
+                name,
+                arguments,
+            } => {
+                tracing::info!(tool = %name, tool_call_id = %id, "tool call");
+                self.note_tool(format!("{name} {arguments}"));
+                let call = ToolCallEvent {
+                    id: id.clone(),
+                    name,
+                    arguments,
+                };
+                let forwarded = self
+                    .cx
+                    .tools
+                    .as_ref()
+                    .is_some_and(|l| l.calls.send(call).is_ok());
+                if !forwarded {
+                    engine
+                        .tool_result(&id, "error: tools are not available on this call")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A tool line in the transcript and the call's live events (`speaker = "tool"`).
+    fn note_tool(&mut self, text: String) {
+        let at_ms = self.started.elapsed().as_millis() as i64;
+        let _ = self.cx.events.send(CallEvent::Transcript {
+            speaker: "tool",
+            text: text.clone(),
+            at_ms,
+        });
+        self.transcript.push(TranscriptEntry {
+            speaker: "tool",
+            text,
+            at_ms,
+        });
+    }
+
+    async fn on_tool_reply(&mut self, engine: &mut Engine, reply: ToolReply) -> Result<(), String> {
+        match reply {
+            ToolReply::Result { id, name, output } => {
+                let short: String = output.chars().take(500).collect();
+                self.note_tool(format!("{name} → {short}"));
+                engine
+                    .tool_result(&id, &output)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            ToolReply::Say(text) => engine.say(&text).await.map_err(|e| e.to_string())?,
+            ToolReply::Hangup(reason) => {
+                if self.hangup.is_none() {
+                    note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;
+                    self.hangup = Some((reason, Instant::now() + GOODBYE_GRACE));
+                }
+            }
         }
         Ok(())
     }
@@ -554,6 +625,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             breakers: Arc::new(Breakers::default()),
             recording: None,
+            tools: None,
         };
         let engine = Engine::Scripted(Box::new(ScriptedEngine::new(CallContext {
             call_id,
@@ -564,6 +636,7 @@ mod tests {
             voice: String::new(),
             script: vec![],
             goodbye: "Bye.".into(),
+            tools: Vec::new(),
         })));
         let leg = FakeLeg {
             hang_up_at: Instant::now() + Duration::from_millis(300),
@@ -607,6 +680,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             breakers: Arc::new(Breakers::default()),
             recording: None,
+            tools: None,
         };
         let leg = FakeLeg {
             hang_up_at: Instant::now() + Duration::from_secs(60),

@@ -5,3 +5,4 @@ pub mod bridge;
 pub mod leg;
 mod playback;
 pub mod recorder;
+pub mod tools;

@@ -242,6 +242,31 @@ ALTER TABLE tenants ADD COLUMN recording_notice TEXT;
 ALTER TABLE calls ADD COLUMN record INTEGER;
 ALTER TABLE calls ADD COLUMN recording TEXT;
 "#,
+    // 8: tenant HTTP tools (SPEC §8): one JSON definition per tenant and name; transcript
+    // lines may be the tool's (`speaker = 'tool'`), which the CHECK needs a table rebuild for.
+    r#"
+CREATE TABLE transcript_entries_v8 (
+    id      INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    speaker TEXT NOT NULL CHECK (speaker IN ('agent', 'caller', 'tool')),
+    text    TEXT NOT NULL,
+    at_ms   INTEGER NOT NULL
+) STRICT;
+INSERT INTO transcript_entries_v8 (id, call_id, speaker, text, at_ms)
+    SELECT id, call_id, speaker, text, at_ms FROM transcript_entries;
+DROP TABLE transcript_entries;
+ALTER TABLE transcript_entries_v8 RENAME TO transcript_entries;
+CREATE INDEX transcript_entries_call ON transcript_entries(call_id, at_ms, id);
+
+CREATE TABLE tools (
+    tenant_id  INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, name)
+) STRICT, WITHOUT ROWID;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -16,6 +16,7 @@ pub mod recording;
 pub mod retention;
 pub mod sessions;
 pub mod tenants;
+pub mod tools;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

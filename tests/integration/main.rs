@@ -20,3 +20,4 @@ mod recording;
 mod serve;
 mod support;
 mod tls;
+mod tools;

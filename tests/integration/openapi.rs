@@ -104,8 +104,10 @@ fn schemathesis() -> Option<&'static str> {
 
 /// Starts schemathesis with `auth` against the document. The seed is fixed so CI is
 /// reproducible; run it by hand with other seeds and more examples (README, "API reference").
-fn fuzz(bin: &str, server: &Server, auth: &str) -> std::process::Child {
+fn fuzz(bin: &str, server: &Server, auth: &str, dir: &std::path::Path) -> std::process::Child {
     Command::new(bin)
+        // schemathesis keeps a cache in its working directory; not in the repository.
+        .current_dir(dir)
         .args(["run", &server.url("/api/v1/openapi.json")])
         .args(["--header", auth])
         .args([
@@ -148,7 +150,7 @@ fn passed(who: &str, run: std::process::Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
     let Some(bin) = schemathesis() else { return };
-    let (_install, server, admin) = dev_server();
+    let (install, server, admin) = dev_server();
     // The tenant key belongs to a tenant of its own: the admin run, at the same time, creates
     // and deletes tenants (`demo`, the documented example, included).
     let http = reqwest::Client::new();
@@ -170,8 +172,18 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
         .await
         .unwrap();
     let tenant_key = created["key"].as_str().unwrap().to_owned();
-    let tenant_run = fuzz(bin, &server, &format!("X-API-Key: {tenant_key}"));
-    let admin_run = fuzz(bin, &server, &format!("Authorization: Bearer {admin}"));
+    let tenant_run = fuzz(
+        bin,
+        &server,
+        &format!("X-API-Key: {tenant_key}"),
+        install.dir.path(),
+    );
+    let admin_run = fuzz(
+        bin,
+        &server,
+        &format!("Authorization: Bearer {admin}"),
+        install.dir.path(),
+    );
     tokio::task::block_in_place(|| {
         passed("tenant", tenant_run);
         passed("admin", admin_run);

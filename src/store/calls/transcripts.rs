@@ -59,10 +59,10 @@ pub fn transcript(conn: &Connection, scope: Scope, id: &str) -> Result<Vec<Trans
         .query_map([id], |r| {
             let speaker: String = r.get(0)?;
             Ok(TranscriptEntry {
-                speaker: if speaker == "agent" {
-                    "agent"
-                } else {
-                    "caller"
+                speaker: match speaker.as_str() {
+                    "agent" => "agent",
+                    "tool" => "tool",
+                    _ => "caller",
                 },
                 text: r.get(1)?,
                 at_ms: r.get(2)?,
