@@ -36,6 +36,10 @@ pub struct CreateCallRequest {
     /// Admin keys name the tenant the call belongs to.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Keys the carrier presses once answered (Twilio `SendDigits`; turns AMD off). Left out
+    /// of the request hash when absent, so older idempotent requests keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_digits: Option<String>,
 }
 
 /// A request that passed every check that needs no database.
@@ -99,6 +103,10 @@ impl NewCall {
                     format!("too long (at most {max} characters)"),
                 ));
             }
+        }
+        if let Some(d) = &req.send_digits {
+            super::keypad::check_send_digits(d)
+                .map_err(|e| CallError::invalid("send_digits", e))?;
         }
         let request_hash =
             hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
@@ -221,6 +229,7 @@ impl Shared {
                         metadata,
                         idempotency_key,
                         request_hash,
+                        send_digits: req.send_digits,
                     },
                     admit,
                 )

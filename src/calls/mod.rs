@@ -20,6 +20,7 @@ mod dialer;
 mod error;
 mod intake;
 pub mod jobs;
+pub mod keypad;
 mod lifecycle;
 mod session;
 mod setup;

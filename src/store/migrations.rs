@@ -233,6 +233,10 @@ ALTER TABLE calls ADD COLUMN campaign_id TEXT;
 ALTER TABLE calls ADD COLUMN recipient_id INTEGER;
 CREATE INDEX calls_campaign ON calls(campaign_id) WHERE campaign_id IS NOT NULL;
 "#,
+    // 7: keys the carrier presses once an outbound call is answered (`send_digits`).
+    r#"
+ALTER TABLE calls ADD COLUMN send_digits TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -228,6 +228,8 @@ pub struct OutboundRequest {
     pub idempotency_key: Option<String>,
     /// Hash of the request body, to tell a retry from a different request with the same key.
     pub request_hash: String,
+    /// Keys the carrier presses on answer (checked by the caller: `0-9 # * w`, ≤ 32).
+    pub send_digits: Option<String>,
 }
 
 /// Persists a queued outbound call: `Ok(Ok((call, true)))`. With an idempotency key already
@@ -285,6 +287,12 @@ pub fn create_outbound(
             now
         ],
     )?;
+    if let Some(d) = &r.send_digits {
+        tx.execute(
+            "UPDATE calls SET send_digits = ?1 WHERE id = ?2",
+            params![d, id.as_str()],
+        )?;
+    }
     add_event(
         &tx,
         id.as_str(),
@@ -306,13 +314,14 @@ pub struct CallDetail {
     pub voice: Option<String>,
     pub max_duration_secs: Option<i64>,
     pub machine_detection: bool,
+    pub send_digits: Option<String>,
 }
 
 pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
     let call = get(conn, Scope::All, id)?;
     conn.query_row(
-        "SELECT tenant_id, system_prompt, greeting, voice, max_duration_secs, machine_detection \
-         FROM calls WHERE id = ?1",
+        "SELECT tenant_id, system_prompt, greeting, voice, max_duration_secs, machine_detection, \
+         send_digits FROM calls WHERE id = ?1",
         [id],
         |r| {
             Ok(CallDetail {
@@ -323,6 +332,7 @@ pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
                 voice: r.get(3)?,
                 max_duration_secs: r.get(4)?,
                 machine_detection: r.get(5)?,
+                send_digits: r.get(6)?,
             })
         },
     )
