@@ -32,7 +32,7 @@ pub struct CreateCallRequest {
     #[serde(default)]
     pub max_duration: Option<String>,
     #[serde(default)]
-    pub machine_detection: Option<bool>,
+    pub machine_detection: Option<super::amd::MachineDetection>,
     /// Admin keys name the tenant the call belongs to.
     #[serde(default)]
     pub tenant: Option<String>,
@@ -225,11 +225,15 @@ impl Shared {
                         greeting: req.greeting,
                         voice: req.voice,
                         max_duration_secs,
-                        machine_detection: req.machine_detection.unwrap_or(false),
+                        machine_detection: req.machine_detection.is_some_and(|m| m.requested()),
                         metadata,
                         idempotency_key,
                         request_hash,
                         send_digits: req.send_digits,
+                        machine_action: req
+                            .machine_detection
+                            .and_then(|m| m.stored_action())
+                            .map(str::to_owned),
                     },
                     admit,
                 )

@@ -233,9 +233,11 @@ ALTER TABLE calls ADD COLUMN campaign_id TEXT;
 ALTER TABLE calls ADD COLUMN recipient_id INTEGER;
 CREATE INDEX calls_campaign ON calls(campaign_id) WHERE campaign_id IS NOT NULL;
 "#,
-    // 7: keys the carrier presses once an outbound call is answered (`send_digits`).
+    // 7: keys the carrier presses once an outbound call is answered (`send_digits`), and what
+    // to do when answering-machine detection reports a machine (`machine_action`: 'hangup').
     r#"
 ALTER TABLE calls ADD COLUMN send_digits TEXT;
+ALTER TABLE calls ADD COLUMN machine_action TEXT;
 "#,
 ];
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{Install, Server};
-use twilio_sim::{self as sim, CallerScript, Scenario, SimConfig};
+use twilio_sim::{self as sim, CallerScript, Scenario, SimConfig, Step};
 
 const SID: &str = "AC00000000000000000000000000000014";
 const TOKEN: &str = "amd-token";
@@ -175,4 +175,121 @@ async fn bad_send_digits_are_refused_and_create_nothing() {
         .await
         .unwrap();
     assert_eq!(list["calls"].as_array().unwrap().len(), 0, "{list}");
+}
+
+async fn get(http: &reqwest::Client, server: &Server, key: &str, id: &str) -> Value {
+    http.get(server.url(&format!("/api/v1/calls/{id}")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits for call `id` to reach a final status; returns the call object.
+async fn ended(http: &reqwest::Client, server: &Server, key: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = get(http, server, key, id).await;
+        if c["ended_at"].is_string() {
+            return c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ended: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A machine whose greeting would run for 4 s before it hangs up by itself.
+fn machine() -> Scenario {
+    Scenario::Answer {
+        caller: CallerScript::new(vec![Step::Silence(4000), Step::Hangup]),
+        answered_by: Some("machine_end_beep".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_mode_ends_a_machine_call_and_detect_mode_only_records() {
+    let (sim, install, key) = setup().await;
+    sim.set_scenario("+14155550311", machine());
+    sim.set_scenario("+14155550312", machine());
+    // A person answering a hangup-mode call stays on the line.
+    sim.set_scenario(
+        "+14155550313",
+        Scenario::Answer {
+            caller: CallerScript::new(vec![Step::Silence(1500), Step::Hangup]),
+            answered_by: Some("human".into()),
+        },
+    );
+    let server = Server::start(&install);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (to, mode) in [
+        ("+14155550311", "hangup"),
+        ("+14155550312", "detect"),
+        ("+14155550313", "hangup"),
+    ] {
+        let (st, c) = post(
+            &http,
+            &server,
+            &key,
+            &json!({"to": to, "machine_detection": mode}),
+        )
+        .await;
+        assert_eq!(st, 201, "{c}");
+        ids.push(c["id"].as_str().unwrap().to_owned());
+    }
+    let started = std::time::Instant::now();
+    let hung = ended(&http, &server, &key, &ids[0]).await;
+    assert_eq!(hung["answered_by"], "machine_end_beep", "{hung}");
+    assert_eq!(hung["end_reason"], "machine", "{hung}");
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "hung up at once, not when the machine stopped: {:?}",
+        started.elapsed()
+    );
+    let detected = ended(&http, &server, &key, &ids[1]).await;
+    assert_eq!(detected["answered_by"], "machine_end_beep", "{detected}");
+    assert_ne!(detected["end_reason"], "machine", "{detected}");
+    let person = ended(&http, &server, &key, &ids[2]).await;
+    assert_eq!(person["answered_by"], "human", "{person}");
+    assert_ne!(person["end_reason"], "machine", "{person}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_machine_detection_values_are_refused() {
+    let (_sim, install, key) = setup().await;
+    let server = Server::start(&install);
+    let http = reqwest::Client::new();
+    for bad in [
+        json!("voicemail"),
+        json!("maybe"),
+        json!("HANGUP"),
+        json!(3),
+    ] {
+        let (st, e) = post(
+            &http,
+            &server,
+            &key,
+            &json!({"to": "+14155550320", "machine_detection": bad}),
+        )
+        .await;
+        assert_eq!(st, 400, "{bad}: {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("machine_detection"),
+            "{bad}: {e}"
+        );
+    }
+    let (st, c) = post(
+        &http,
+        &server,
+        &key,
+        &json!({"to": "+14155550321", "machine_detection": "off"}),
+    )
+    .await;
+    assert_eq!(st, 201, "\"off\" is accepted: {c}");
 }

@@ -230,6 +230,9 @@ pub struct OutboundRequest {
     pub request_hash: String,
     /// Keys the carrier presses on answer (checked by the caller: `0-9 # * w`, ≤ 32).
     pub send_digits: Option<String>,
+    /// What to do on a machine (`'hangup'`), when `machine_detection` asked for more than
+    /// recording `answered_by`.
+    pub machine_action: Option<String>,
 }
 
 /// Persists a queued outbound call: `Ok(Ok((call, true)))`. With an idempotency key already
@@ -287,10 +290,10 @@ pub fn create_outbound(
             now
         ],
     )?;
-    if let Some(d) = &r.send_digits {
+    if r.send_digits.is_some() || r.machine_action.is_some() {
         tx.execute(
-            "UPDATE calls SET send_digits = ?1 WHERE id = ?2",
-            params![d, id.as_str()],
+            "UPDATE calls SET send_digits = ?1, machine_action = ?2 WHERE id = ?3",
+            params![r.send_digits, r.machine_action, id.as_str()],
         )?;
     }
     add_event(
@@ -362,6 +365,18 @@ pub fn create_inbound(
         &serde_json::json!({"status": "ringing"}),
     )?;
     get(conn, Scope::All, id.as_str())
+}
+
+/// What call `id` does when a machine answers (`None`: nothing, or no such call).
+pub fn machine_action(conn: &Connection, id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT machine_action FROM calls WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten())
 }
 
 #[cfg(test)]
