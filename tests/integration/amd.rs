@@ -252,6 +252,39 @@ async fn hangup_mode_ends_a_machine_call_and_detect_mode_only_records() {
     let detected = ended(&http, &server, &key, &ids[1]).await;
     assert_eq!(detected["answered_by"], "machine_end_beep", "{detected}");
     assert_ne!(detected["end_reason"], "machine", "{detected}");
+    // A duplicated report after the end changes nothing; a forged one is refused.
+    let (_, params) = placed(&http, &server, &key, &sim, &ids[0]).await;
+    let cb = param(&params, "AsyncAmdStatusCallback").unwrap().to_owned();
+    let path = &cb[cb.find("/twilio/").unwrap()..];
+    let form: Vec<(String, String)> = [
+        ("CallSid", hung["twilio_call_sid"].as_str().unwrap()),
+        ("AccountSid", SID),
+        ("AnsweredBy", "human"),
+        ("MachineDetectionDuration", "900"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (sig, want) in [(sim.sign(&cb, &form), 204), ("forged".to_owned(), 403)] {
+        let r = http
+            .post(server.url(path))
+            .header("x-twilio-signature", sig)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{path}");
+    }
+    let again = get(&http, &server, &key, &ids[0]).await;
+    assert_eq!(
+        (
+            &again["status"],
+            &again["end_reason"],
+            &again["answered_by"]
+        ),
+        (&hung["status"], &hung["end_reason"], &hung["answered_by"]),
+        "{again}"
+    );
     let person = ended(&http, &server, &key, &ids[2]).await;
     assert_eq!(person["answered_by"], "human", "{person}");
     assert_ne!(person["end_reason"], "machine", "{person}");
