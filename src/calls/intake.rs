@@ -36,13 +36,18 @@ pub struct CreateCallRequest {
     #[serde(default)]
     pub max_duration: Option<String>,
     #[serde(default)]
-    pub machine_detection: Option<bool>,
+    #[schema(inline)]
+    pub machine_detection: Option<super::amd::MachineDetection>,
     /// Record this call (beats the tenant's choice).
     #[serde(default)]
     pub record: Option<bool>,
     /// Admin keys name the tenant the call belongs to.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Keys the carrier presses once answered (Twilio `SendDigits`; turns AMD off). Left out
+    /// of the request hash when absent, so older idempotent requests keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_digits: Option<String>,
 }
 
 /// A request that passed every check that needs no database.
@@ -106,6 +111,10 @@ impl NewCall {
                     format!("too long (at most {max} characters)"),
                 ));
             }
+        }
+        if let Some(d) = &req.send_digits {
+            super::keypad::check_send_digits(d)
+                .map_err(|e| CallError::invalid("send_digits", e))?;
         }
         let request_hash =
             hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
@@ -225,10 +234,15 @@ impl Shared {
                         greeting: req.greeting,
                         voice: req.voice,
                         max_duration_secs,
-                        machine_detection: req.machine_detection.unwrap_or(false),
+                        machine_detection: req.machine_detection.is_some_and(|m| m.requested()),
                         metadata,
                         idempotency_key,
                         request_hash,
+                        send_digits: req.send_digits,
+                        machine_action: req
+                            .machine_detection
+                            .and_then(|m| m.stored_action())
+                            .map(str::to_owned),
                     },
                     admit,
                 )?;

@@ -14,6 +14,7 @@
 //!
 //! Children share `shared::Shared` and never import from this file's facade.
 
+pub mod amd;
 mod answer;
 pub mod campaigns;
 mod dialer;
@@ -21,6 +22,7 @@ mod error;
 mod handover;
 mod intake;
 pub mod jobs;
+pub mod keypad;
 mod lifecycle;
 pub mod retention;
 mod session;
@@ -214,6 +216,12 @@ impl Calls {
 
     /// The carrier reports on call `id` (status callback, answering-machine detection).
     pub async fn carrier_update(&self, id: &str, update: CarrierUpdate) {
-        self.s.apply_update(id, update).await;
+        let answered_by = update.answered_by.clone();
+        let call = self.s.apply_update(id, update).await;
+        if let (Some(ab), Some(call)) = (answered_by, call)
+            && !call.status.is_terminal()
+        {
+            self.s.machine_answered(id, &ab).await;
+        }
     }
 }

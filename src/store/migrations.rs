@@ -267,6 +267,12 @@ CREATE TABLE tools (
     PRIMARY KEY (tenant_id, name)
 ) STRICT, WITHOUT ROWID;
 "#,
+    // 9: keys the carrier presses once an outbound call is answered (`send_digits`), and what
+    // to do when answering-machine detection reports a machine (`machine_action`: 'hangup').
+    r#"
+ALTER TABLE calls ADD COLUMN send_digits TEXT;
+ALTER TABLE calls ADD COLUMN machine_action TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -73,6 +73,9 @@ pub struct Dial {
     /// A backstop to our own duration governor.
     pub time_limit_secs: u64,
     pub machine_detection: bool,
+    /// Keys pressed on answer (Twilio `SendDigits`). Twilio turns AMD off with it, so AMD is
+    /// then not requested at all.
+    pub send_digits: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,9 +133,9 @@ impl Carrier {
                     status_callback: format!("{base}/twilio/status/{id}"),
                     timeout_secs: d.ring_timeout_secs,
                     time_limit_secs: d.time_limit_secs,
-                    amd_callback: d
-                        .machine_detection
+                    amd_callback: (d.machine_detection && d.send_digits.is_none())
                         .then(|| format!("{base}/twilio/amd/{id}")),
+                    send_digits: d.send_digits.clone(),
                 };
                 Ok(t.create_call(&req).await?.sid)
             }

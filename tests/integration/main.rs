@@ -1,5 +1,6 @@
 //! One integration-test binary (fast linking); topics are modules.
 
+mod amd;
 mod api;
 mod browser;
 mod calls;

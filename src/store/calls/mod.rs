@@ -15,7 +15,7 @@ pub use queue::{
 };
 pub use records::{
     Call, CallDetail, Cursor, ListQuery, NewCall, OutboundRequest, Scope, create_inbound,
-    create_outbound, detail, get, insert, list,
+    create_outbound, detail, get, insert, list, machine_action,
 };
 pub use state::{
     AfterEnd, EndedCall, Transition, add_event, after_end, engine_call_id, enqueue_webhook, events,

@@ -236,6 +236,11 @@ pub struct OutboundRequest {
     pub idempotency_key: Option<String>,
     /// Hash of the request body, to tell a retry from a different request with the same key.
     pub request_hash: String,
+    /// Keys the carrier presses on answer (checked by the caller: `0-9 # * w`, ≤ 32).
+    pub send_digits: Option<String>,
+    /// What to do on a machine (`'hangup'`), when `machine_detection` asked for more than
+    /// recording `answered_by`.
+    pub machine_action: Option<String>,
 }
 
 /// Persists a queued outbound call: `Ok(Ok((call, true)))`. With an idempotency key already
@@ -293,6 +298,12 @@ pub fn create_outbound(
             now
         ],
     )?;
+    if r.send_digits.is_some() || r.machine_action.is_some() {
+        tx.execute(
+            "UPDATE calls SET send_digits = ?1, machine_action = ?2 WHERE id = ?3",
+            params![r.send_digits, r.machine_action, id.as_str()],
+        )?;
+    }
     add_event(
         &tx,
         id.as_str(),
@@ -316,13 +327,14 @@ pub struct CallDetail {
     pub machine_detection: bool,
     /// The call's own `record` choice.
     pub record: Option<bool>,
+    pub send_digits: Option<String>,
 }
 
 pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
     let call = get(conn, Scope::All, id)?;
     conn.query_row(
         "SELECT tenant_id, system_prompt, greeting, voice, max_duration_secs, machine_detection, \
-         record FROM calls WHERE id = ?1",
+         record, send_digits FROM calls WHERE id = ?1",
         [id],
         |r| {
             Ok(CallDetail {
@@ -334,6 +346,7 @@ pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
                 max_duration_secs: r.get(4)?,
                 machine_detection: r.get(5)?,
                 record: r.get(6)?,
+                send_digits: r.get(7)?,
             })
         },
     )
@@ -363,6 +376,18 @@ pub fn create_inbound(
         &serde_json::json!({"status": "ringing"}),
     )?;
     get(conn, Scope::All, id.as_str())
+}
+
+/// What call `id` does when a machine answers (`None`: nothing, or no such call).
+pub fn machine_action(conn: &Connection, id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT machine_action FROM calls WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten())
 }
 
 #[cfg(test)]

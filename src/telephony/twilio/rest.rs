@@ -65,6 +65,8 @@ pub struct CreateCall {
     pub time_limit_secs: u64,
     /// When set: async answering-machine detection reported to this URL.
     pub amd_callback: Option<String>,
+    /// Twilio `SendDigits`: `0-9 # * w` pressed on answer (`w` waits 0.5 s).
+    pub send_digits: Option<String>,
 }
 
 #[derive(Clone)]
@@ -129,6 +131,9 @@ impl TwilioClient {
             form.push(("AsyncAmd", "true".into()));
             form.push(("AsyncAmdStatusCallback", amd.clone()));
             form.push(("AsyncAmdStatusCallbackMethod", "POST".into()));
+        }
+        if let Some(d) = &c.send_digits {
+            form.push(("SendDigits", d.clone()));
         }
         let url = format!("{}.json", self.calls_url());
         self.send(reqwest::Method::POST, &url, Some(&form), false)
