@@ -10,6 +10,7 @@ pub mod status;
 mod tenants;
 mod twilio;
 pub mod ui;
+mod webcalls;
 
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ pub fn app(state: AppState) -> Router {
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())
+        .merge(webcalls::routes())
         .fallback(|| async { ApiError::for_status(axum::http::StatusCode::NOT_FOUND) });
     // Our own routes. `/api/v1/*` and `/twilio/*` are reserved as a whole (their 404s are
     // ours), the rest are exact paths. `route_layer` keeps the small body limit and the error

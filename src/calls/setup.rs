@@ -24,7 +24,9 @@ pub struct CallSetup {
 impl CallSetup {
     /// Resolves the setup from the call's record and its tenant under `cfg`.
     pub fn resolve(detail: CallDetail, tenant: Tenant, cfg: &Config) -> Self {
-        let inbound = detail.call.direction == Direction::Inbound;
+        // A browser call is caller-initiated like an inbound one, and has no carrier to
+        // report its end: the bridge's end closes it.
+        let inbound = detail.call.direction != Direction::Outbound;
         let ctx = CallContext {
             call_id: detail.call.id.clone(),
             tenant: tenant.name.clone(),

@@ -14,6 +14,7 @@ pub mod keys;
 mod migrations;
 pub mod sessions;
 pub mod tenants;
+pub mod webcalls;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

@@ -18,3 +18,4 @@ mod proxy;
 mod serve;
 mod support;
 mod tls;
+mod webrtc;
