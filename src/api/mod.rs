@@ -12,6 +12,7 @@ mod tenants;
 mod tools;
 mod twilio;
 pub mod ui;
+mod webcalls;
 
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())
+        .merge(webcalls::routes())
         .merge(tools::routes())
         .split_for_parts();
     let (uploads, upload_doc) = campaigns::upload_routes().split_for_parts();

@@ -2,6 +2,7 @@
 //! ours below it but `domain`, so engines and the bridge can both use it.
 
 pub mod mulaw;
+pub mod opus;
 pub mod resample;
 
 /// Formats that cross our edges. Twilio speaks only μ-law 8 kHz mono.

@@ -30,6 +30,9 @@ mod setup;
 mod shared;
 mod stream;
 pub mod tools;
+mod web;
+
+pub use web::WebCallError;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,6 +180,30 @@ impl Calls {
         reason: &'static str,
     ) -> Result<Call, CallError> {
         self.s.end(scope, id, reason).await
+    }
+
+    /// Starts the WebRTC endpoint for browser calls (`[webrtc]`).
+    pub async fn start_webrtc(&self) -> std::io::Result<()> {
+        self.s.start_webrtc().await
+    }
+
+    /// The WebRTC endpoint's advertised address, once started.
+    pub fn webrtc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.s.webrtc.get().map(|e| e.addr())
+    }
+
+    /// `POST /web-calls`: a browser call for `tenant_id` from an SDP offer.
+    pub async fn web_call(
+        &self,
+        tenant_id: i64,
+        offer: &str,
+    ) -> Result<(Call, String), WebCallError> {
+        self.s.web_call(tenant_id, offer).await
+    }
+
+    /// `DELETE /web-calls/{id}`.
+    pub async fn web_call_end(&self, scope: Scope, id: &str) -> Result<Call, WebCallError> {
+        self.s.web_call_end(scope, id).await
     }
 
     /// The session to follow a live call's events on.

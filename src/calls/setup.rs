@@ -26,7 +26,9 @@ pub struct CallSetup {
 impl CallSetup {
     /// Resolves the setup from the call's record and its tenant under `cfg`.
     pub fn resolve(detail: CallDetail, tenant: Tenant, cfg: &Config) -> Self {
-        let inbound = detail.call.direction == Direction::Inbound;
+        // A browser call is caller-initiated like an inbound one, and has no carrier to
+        // report its end: the bridge's end closes it.
+        let inbound = detail.call.direction != Direction::Outbound;
         let record = detail.record.or(tenant.record).unwrap_or(cfg.agent.record);
         let notice = tenant.recording_notice.clone().filter(|_| record);
         let mut ctx = CallContext {

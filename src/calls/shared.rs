@@ -43,6 +43,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Cancelled when the drain time is up: bridges say goodbye and hang up.
     pub wind_down: CancellationToken,
+    /// The WebRTC endpoint for browser calls, once started (`Calls::start_webrtc`).
+    pub webrtc: std::sync::OnceLock<Arc<crate::telephony::webrtc::Endpoint>>,
 }
 
 impl Shared {
@@ -67,6 +69,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             shutdown,
             wind_down: CancellationToken::new(),
+            webrtc: std::sync::OnceLock::new(),
         })
     }
 

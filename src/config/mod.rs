@@ -62,6 +62,32 @@ pub struct Config {
     /// Where the file came from; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    pub webrtc: WebRtcConfig,
+}
+
+/// `[webrtc]`: browser calls (SPEC §9).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebRtcConfig {
+    /// The one UDP port all browser calls share (0: any free port, for tests).
+    pub udp_port: u16,
+    /// The address advertised as our ICE candidate; empty: what `server.domain` resolves to.
+    pub public_ip: String,
+    /// Most browser calls at once (on top of the tenant's and the server's call caps).
+    pub max_calls: usize,
+    /// A browser that sends nothing (or never connects) for this long has gone.
+    pub peer_timeout: HumanDuration,
+}
+
+impl Default for WebRtcConfig {
+    fn default() -> Self {
+        Self {
+            udp_port: 3478,
+            public_ip: String::new(),
+            max_calls: 20,
+            peer_timeout: HumanDuration::from_secs(10),
+        }
+    }
 }
 
 /// `[retention]` (SPEC §8): finished calls (with their transcripts and events) and call
@@ -525,6 +551,7 @@ impl Config {
         cfg.twilio.simulate = true;
         cfg.twilio.calls_per_second = 10.0;
         cfg.agent.engine = EngineKind::Scripted;
+        cfg.webrtc.public_ip = "127.0.0.1".into();
         cfg
     }
 

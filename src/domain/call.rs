@@ -83,6 +83,8 @@ impl std::fmt::Display for CallStatus {
 pub enum Direction {
     Outbound,
     Inbound,
+    /// A browser call over WebRTC (SPEC §9).
+    Web,
 }
 
 impl Direction {
@@ -90,6 +92,7 @@ impl Direction {
         match self {
             Self::Outbound => "outbound",
             Self::Inbound => "inbound",
+            Self::Web => "web",
         }
     }
 
@@ -97,6 +100,7 @@ impl Direction {
         match s {
             "outbound" => Some(Self::Outbound),
             "inbound" => Some(Self::Inbound),
+            "web" => Some(Self::Web),
             _ => None,
         }
     }

@@ -137,6 +137,10 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         .await
         .context("closing calls interrupted by the last stop")?;
     manager.spawn_workers();
+    // Browser calls are an extra: a port in use must not keep the phone path down.
+    if let Err(e) = manager.start_webrtc().await {
+        tracing::error!(error = %e, "WebRTC endpoint not started; browser calls are unavailable");
+    }
     // TLS: the stored certificate (or a self-signed stand-in) is served from the first
     // handshake; issuance runs in the background once the listeners are up.
     let tls = if tls_on {

@@ -273,6 +273,19 @@ CREATE TABLE tools (
 ALTER TABLE calls ADD COLUMN send_digits TEXT;
 ALTER TABLE calls ADD COLUMN machine_action TEXT;
 "#,
+    // 10: browser calls: `calls.direction` may be 'web'. SQLite's documented way to loosen a
+    // CHECK (writable_schema) keeps every column any other step adds; the throwaway table
+    // bumps schema_version so other connections reload, RESET reloads this one.
+    r#"
+PRAGMA writable_schema = ON;
+UPDATE sqlite_schema
+   SET sql = replace(sql, 'CHECK (direction IN (''outbound'', ''inbound''))',
+                          'CHECK (direction IN (''outbound'', ''inbound'', ''web''))')
+ WHERE type = 'table' AND name = 'calls';
+PRAGMA writable_schema = RESET;
+CREATE TABLE schema_bump_10 (x INTEGER) STRICT;
+DROP TABLE schema_bump_10;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

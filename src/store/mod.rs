@@ -17,6 +17,7 @@ pub mod retention;
 pub mod sessions;
 pub mod tenants;
 pub mod tools;
+pub mod webcalls;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

@@ -7,6 +7,7 @@
 //! The `twilio-sim` crate is a faithful stand-in for Twilio (`serve --dev`, tests, benchmarks).
 
 pub mod twilio;
+pub mod webrtc;
 
 use crate::config::Config;
 use crate::domain::CallStatus;

@@ -22,3 +22,4 @@ mod serve;
 mod support;
 mod tls;
 mod tools;
+mod webrtc;
