@@ -49,7 +49,7 @@ impl From<WebCallError> for ApiError {
 
 /// Starts a browser call (WHIP-style): the SDP offer in, the SDP answer out, `Location` to
 /// `DELETE` to hang up. Tenant keys and tenant dashboard logins only.
-#[utoipa::path(post, path = "/web-calls", tag = "calls",
+#[utoipa::path(post, path = "/web-calls", tag = "calls", operation_id = "web_call_create",
     request_body(content = String, content_type = "application/sdp"),
     responses((status = 201, content_type = "application/sdp", body = String,
         headers(("Location" = String, description = "The call to DELETE"),

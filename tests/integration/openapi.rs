@@ -126,6 +126,9 @@ fn fuzz(bin: &str, server: &Server, auth: &str, dir: &std::path::Path) -> std::p
             "1",
         ])
         .args(["--request-timeout", "10", "--no-shrink"])
+        // schemathesis has no serializer for `application/sdp` (the browser-call offer); that
+        // endpoint's bad input is tested in `webrtc.rs`.
+        .args(["--exclude-operation-id", "web_call_create"])
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
