@@ -4,6 +4,7 @@
 mod calls;
 mod campaigns;
 mod certs;
+mod handover;
 mod health;
 mod ops;
 pub mod status;
@@ -38,6 +39,7 @@ fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi
     let (api, mut doc) = OpenApiRouter::with_openapi(crate::http::openapi::ApiDoc::openapi())
         .merge(tenants::routes())
         .merge(calls::routes())
+        .merge(handover::routes())
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())

@@ -94,6 +94,7 @@ fn new_record(
         webhooks: Vec::new(),
         said: Vec::new(),
         unsupported_verbs: Vec::new(),
+        played_digits: Vec::new(),
         errors: Vec::new(),
         streams: Vec::new(),
     }
@@ -703,6 +704,23 @@ impl Ctx {
                     self.cell.rec().unsupported_verbs.push(name);
                 }
                 Verb::Reject { .. } => {}
+                Verb::PlayDigits(digits) => {
+                    // Twilio's tones: about 100 ms a key; `w` waits half a second.
+                    let d: Duration = digits
+                        .chars()
+                        .map(|c| {
+                            if c.eq_ignore_ascii_case(&'w') {
+                                Duration::from_millis(500)
+                            } else {
+                                Duration::from_millis(100)
+                            }
+                        })
+                        .sum();
+                    self.cell.rec().played_digits.push(digits);
+                    if !self.sleep(d).await {
+                        return;
+                    }
+                }
             }
         }
         if !self.cell.has_redirect() {

@@ -264,6 +264,8 @@ pub struct SimCallRecord {
     pub unsupported_verbs: Vec<String>,
     pub errors: Vec<SimError>,
     pub streams: Vec<StreamRecord>,
+    /// The digits of each `<Play digits>` executed, in order.
+    pub played_digits: Vec<String>,
 }
 
 impl SimCallRecord {

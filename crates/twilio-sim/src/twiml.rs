@@ -21,6 +21,8 @@ pub enum Verb {
     Stream(StreamSpec),
     /// A verb (or `<Connect>` noun) the simulator does not implement; skipped and recorded.
     Unsupported(String),
+    /// `<Play digits="…"/>`: DTMF tones played on the call (`w`/`W`: a half-second pause).
+    PlayDigits(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -92,6 +94,17 @@ fn verb(el: &Element) -> Result<Verb, TwimlError> {
             Verb::Pause { length_secs }
         }
         "Hangup" => Verb::Hangup,
+        "Play" if el.attr("digits").is_some() => {
+            let digits = el.attr("digits").unwrap_or_default().trim().to_owned();
+            if digits.is_empty()
+                || !digits
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'w' | 'W'))
+            {
+                return Err(attr_err("Play", "digits", &digits));
+            }
+            Verb::PlayDigits(digits)
+        }
         "Reject" => Verb::Reject {
             reason: el.attr("reason").unwrap_or("rejected").to_owned(),
         },
