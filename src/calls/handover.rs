@@ -4,6 +4,7 @@
 //! the call's [`super::session::Session`] in between), with a fresh single-use token.
 
 use super::answer::token_hash;
+use super::session::PendingTransfer;
 use super::shared::Shared;
 use crate::domain::CallStatus;
 use crate::domain::ids::{CallId, random_token};
@@ -74,16 +75,140 @@ pub(crate) async fn send_dtmf(
     Ok(())
 }
 
-/// Transfers the live call to one of the tenant's transfer numbers (not implemented in this
-/// build: refused with a clear error, nothing changes).
+/// How long a transfer target may ring.
+const TRANSFER_RING_SECS: u32 = 20;
+/// Longest summary whispered to the person answering a warm transfer.
+const MAX_SUMMARY: usize = 1_000;
+
+/// Transfers the live call to one of its tenant's `transfer_numbers` (matched by number or
+/// by label): the carrier dials it and joins the two (warm: the person answering first hears
+/// `summary`). The Dial's outcome comes back to [`Shared::dial_ended`].
 pub(crate) async fn transfer(
     shared: &Shared,
     call: &CallId,
     destination: &str,
-    _summary: &str,
+    summary: &str,
 ) -> Result<(), HandoverError> {
-    live_call(shared, call).await?;
-    Err(HandoverError::NotAllowed(destination.to_owned()))
+    if summary.chars().count() > MAX_SUMMARY {
+        return Err(HandoverError::Invalid(format!(
+            "summary must be at most {MAX_SUMMARY} characters"
+        )));
+    }
+    let id = call.to_string();
+    let tenant = shared
+        .store
+        .run(move |c| {
+            let d = calls::detail(c, &id)?;
+            crate::store::tenants::get_by_id(c, d.tenant_id)
+        })
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound(_) => HandoverError::NotFound,
+            e => HandoverError::Internal(e.to_string()),
+        })?;
+    let wanted = destination.trim();
+    let Some(target) = tenant
+        .transfer_numbers
+        .iter()
+        .find(|t| t.number == wanted || t.label.trim().eq_ignore_ascii_case(wanted))
+    else {
+        return Err(HandoverError::NotAllowed(destination.to_owned()));
+    };
+    let sid = live_call(shared, call).await?;
+    let session = shared
+        .sessions
+        .get(call.as_str())
+        .ok_or(HandoverError::NotBridged)?;
+    session.set_transfer(Some(PendingTransfer {
+        number: target.number.clone(),
+        label: target.label.clone(),
+        summary: summary.trim().to_owned(),
+    }));
+    session.begin_handover();
+    let base = shared.config().public_url();
+    let warm = tenant.transfer_mode == "warm";
+    let script = Script::Dial {
+        number: target.number.clone(),
+        action: format!("{base}/twilio/dial/{call}"),
+        whisper_url: warm.then(|| format!("{base}/twilio/whisper/{call}")),
+        timeout_secs: TRANSFER_RING_SECS,
+        caller_id: None,
+    };
+    if let Err(e) = redirect(shared, call, &sid, &script).await {
+        session.set_transfer(None);
+        return Err(e);
+    }
+    tracing::info!(call_id = %call, label = %target.label, warm, "transferring the call");
+    Ok(())
+}
+
+impl Shared {
+    /// The carrier reports how a transfer's dial ended. Answered: the transfer is recorded
+    /// and the call ends (`transferred`) once the parties hang up. Not answered: a new
+    /// stream takes the call back to the same engine session, which says so.
+    pub async fn dial_ended(&self, id: &str, status: &str, duration: Option<i64>) -> Script {
+        let session = self.sessions.get(id);
+        let pending = session.as_ref().and_then(|s| s.transfer());
+        let to = pending.as_ref().map(|p| p.number.clone());
+        let record = serde_json::json!({
+            "to": to,
+            "status": status,
+            "duration_seconds": duration.unwrap_or(0),
+        });
+        let rid = id.to_owned();
+        if let Err(e) = self
+            .store
+            .run(move |c| calls::set_transfer(c, &rid, &record))
+            .await
+        {
+            tracing::error!(call_id = %id, error = %e, "cannot record the transfer");
+        }
+        tracing::info!(call_id = %id, dial_status = %status, "transfer dial ended");
+        if status == "completed" || status == "answered" {
+            self.note_end_reason(id, "transferred").await;
+            return Script::Hangup;
+        }
+        let Some(session) = session.filter(|s| s.in_handover()) else {
+            // Nothing to come back to (the call is over here).
+            return Script::Hangup;
+        };
+        let token = random_token(32);
+        let hash = token_hash(&token);
+        let rid = id.to_owned();
+        if let Err(e) = self
+            .store
+            .run(move |c| calls::set_stream_token(c, &rid, &hash))
+            .await
+        {
+            tracing::error!(call_id = %id, error = %e, "cannot resume the call after a transfer");
+            return Script::SayHangup(crate::domain::phrases::SOMETHING_WENT_WRONG);
+        }
+        let who = pending
+            .map(|p| p.label)
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| "them".into());
+        session.set_transfer(None);
+        session.set_resume_say(Some(format!(
+            "Sorry, I could not reach {who}; the transfer did not go through. \
+             Is there anything else I can help you with?"
+        )));
+        Script::ConnectStream {
+            url: self.config().media_url(),
+            params: vec![("call_id", id.to_owned()), ("token", token)],
+        }
+    }
+
+    /// What the person answering a warm transfer hears before the two are joined.
+    pub fn whisper(&self, id: &str) -> Script {
+        let summary = self
+            .sessions
+            .get(id)
+            .and_then(|s| s.transfer())
+            .map(|p| p.summary)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "You have a transferred call.".into());
+        Script::Say(summary)
+    }
 }
 
 /// The live call's carrier id, checked to be bridged here and not mid-handover.

@@ -254,6 +254,16 @@ impl Calls {
         Ok(call.id)
     }
 
+    /// The carrier reports how a transfer's dial ended; returns what the call does next.
+    pub async fn dial_ended(&self, id: &str, status: &str, duration: Option<i64>) -> Script {
+        self.s.dial_ended(id, status, duration).await
+    }
+
+    /// What the person answering a warm transfer of call `id` hears first.
+    pub fn whisper(&self, id: &str) -> Script {
+        self.s.whisper(id)
+    }
+
     /// The carrier reports on call `id` (status callback, answering-machine detection).
     pub async fn carrier_update(&self, id: &str, update: CarrierUpdate) {
         self.s.apply_update(id, update).await;

@@ -32,6 +32,15 @@ pub struct Session {
     first_stream: std::sync::OnceLock<tokio::time::Instant>,
     /// What the agent says when it is back after a handover (e.g. a transfer that failed).
     resume_say: Mutex<Option<String>>,
+    /// A transfer being dialed: (the target as listed, the summary for a warm whisper).
+    transfer: Mutex<Option<PendingTransfer>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingTransfer {
+    pub number: String,
+    pub label: String,
+    pub summary: String,
 }
 
 impl Session {
@@ -48,7 +57,19 @@ impl Session {
             parking: Mutex::new(None),
             first_stream: std::sync::OnceLock::new(),
             resume_say: Mutex::new(None),
+            transfer: Mutex::new(None),
         }
+    }
+
+    pub fn set_transfer(&self, t: Option<PendingTransfer>) {
+        *self.transfer.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+
+    pub fn transfer(&self) -> Option<PendingTransfer> {
+        self.transfer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The flag the bridge reads: a stream closing while it is set is a handover.

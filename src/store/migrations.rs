@@ -233,6 +233,12 @@ ALTER TABLE calls ADD COLUMN campaign_id TEXT;
 ALTER TABLE calls ADD COLUMN recipient_id INTEGER;
 CREATE INDEX calls_campaign ON calls(campaign_id) WHERE campaign_id IS NOT NULL;
 "#,
+    // 7: transfers: a tenant's transfer numbers and mode, and a call's transfer outcome.
+    r#"
+ALTER TABLE tenants ADD COLUMN transfer_numbers TEXT;
+ALTER TABLE tenants ADD COLUMN transfer_mode TEXT;
+ALTER TABLE calls ADD COLUMN transfer TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

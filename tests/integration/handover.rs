@@ -175,3 +175,227 @@ async fn another_tenants_call_is_not_found_and_unknown_fields_are_refused() {
     assert!(rec.played_digits.is_empty(), "no redirect was sent");
     assert_eq!(rec.streams.len(), 1);
 }
+
+/// An admin key on the stack's store (tenant settings are admin-only).
+fn admin_key(s: &Stack) -> String {
+    s.store
+        .blocking(|c| Ok(voicectl::store::keys::create(c, None, "admin", None)?.key))
+        .unwrap()
+}
+
+async fn put_tenant(s: &Stack, admin: &str, body: Value) -> (u16, Value) {
+    let r = s
+        .http
+        .put(format!("{}/api/v1/tenants/acme", s.base))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn transfer(s: &Stack, id: &str, destination: &str, summary: &str) -> (u16, Value) {
+    s.api(
+        Method::POST,
+        &format!("/api/v1/calls/{id}/transfer"),
+        Some(json!({ "destination": destination, "summary": summary })),
+    )
+    .await
+}
+
+/// The stack's tenant with three transfer targets (answers / busy / no answer) in `mode`.
+async fn with_targets(s: &Stack, mode: &str) {
+    let admin = admin_key(s);
+    let (code, v) = put_tenant(
+        s,
+        &admin,
+        json!({
+            "transfer_mode": mode,
+            "transfer_numbers": [
+                {"number": "+14155550900", "label": "sales"},
+                {"number": "+14155550486", "label": "support"},
+                {"number": "+14155550487", "label": "billing"},
+            ],
+        }),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["transfer_mode"], mode);
+    assert_eq!(v["transfer_numbers"][0]["label"], "sales");
+}
+
+/// The caller waits for the greeting and then stays on the line quietly.
+fn patient() -> Scenario {
+    Scenario::answer(CallerScript::new(vec![
+        Step::WaitForAgentSilence { min_ms: 200 },
+        Step::Silence(8000),
+    ]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_transfer_answered_ends_the_call_as_transferred() {
+    let s = stack(Opts::default()).await;
+    with_targets(&s, "cold").await;
+    let to = "+14155550711";
+    s.sim.set_scenario(to, patient());
+    let id = s.call(to).await;
+    let sid = wait_greeted(&s, &id).await;
+
+    // Not listed: a clear 400, no dial, the call goes on.
+    let (code, v) = transfer(&s, &id, "+14155550999", "").await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not one of this tenant's transfer numbers"),
+        "{v}"
+    );
+    assert_eq!(s.get(&id).await["status"], "in_progress");
+
+    let (code, v) = transfer(&s, &id, "SALES", "").await;
+    assert_eq!(code, 202, "{v}");
+    let events = s.follow(&id, Duration::from_secs(20)).await;
+    assert_eq!(
+        crate::e2e::statuses(&events).last().map(String::as_str),
+        Some("completed"),
+        "{events:?}"
+    );
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "transferred", "{call}");
+    assert_eq!(call["transfer"]["to"], "+14155550900", "{call}");
+    assert_eq!(call["transfer"]["status"], "completed", "{call}");
+    assert_eq!(call["transfer"]["duration_seconds"], 1, "{call}");
+    let rec = s
+        .sim
+        .wait_ended(&sid, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(rec.dials.len(), 1, "{:?}", rec.dials);
+    assert_eq!(rec.dials[0].number, "+14155550900");
+    assert!(rec.dials[0].whisper.is_empty(), "cold: no whisper");
+    assert!(rec.errors.is_empty(), "{:?}", rec.errors);
+    assert_eq!(s.manager.session_count(), 0, "nothing left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_transfer_whispers_the_summary_to_the_person_answering() {
+    let s = stack(Opts::default()).await;
+    with_targets(&s, "warm").await;
+    let to = "+14155550712";
+    s.sim.set_scenario(to, patient());
+    let id = s.call(to).await;
+    let sid = wait_greeted(&s, &id).await;
+    let (code, v) = transfer(&s, &id, "+14155550900", "Jane wants a refund for order 42.").await;
+    assert_eq!(code, 202, "{v}");
+    let rec = s
+        .sim
+        .wait_ended(&sid, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(rec.dials.len(), 1);
+    assert_eq!(rec.dials[0].whisper, ["Jane wants a refund for order 42."]);
+    assert_eq!(s.get(&id).await["end_reason"], "transferred");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_transfer_brings_the_agent_back_and_the_call_goes_on() {
+    let s = stack(Opts::default()).await;
+    with_targets(&s, "cold").await;
+    let to = "+14155550713";
+    s.sim.set_scenario(
+        to,
+        Scenario::answer(CallerScript::new(vec![
+            Step::WaitForAgentSilence { min_ms: 200 },
+            Step::Silence(1500),
+            // The agent is back and says the transfer failed; the caller answers.
+            Step::WaitForAgentSilence { min_ms: 300 },
+            Step::Speak(500),
+            Step::WaitForAgentSilence { min_ms: 300 },
+            Step::Hangup,
+        ])),
+    );
+    let id = s.call(to).await;
+    let sid = wait_greeted(&s, &id).await;
+    let (code, v) = transfer(&s, &id, "support", "").await;
+    assert_eq!(code, 202, "{v}");
+    let events = s.follow(&id, Duration::from_secs(25)).await;
+    assert_eq!(
+        crate::e2e::statuses(&events).last().map(String::as_str),
+        Some("completed"),
+        "{events:?}"
+    );
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "caller_hangup", "{call}");
+    assert_eq!(call["transfer"]["status"], "busy", "{call}");
+    let t = s.transcript(&id).await;
+    let agent: Vec<&str> = t
+        .iter()
+        .filter(|e| e["speaker"] == "agent")
+        .map(|e| e["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(agent.iter().filter(|x| **x == "Hi").count(), 1, "{agent:?}");
+    assert!(
+        agent.iter().any(|x| x.contains("could not reach support")),
+        "the agent says the transfer failed: {agent:?}"
+    );
+    let rec = s
+        .sim
+        .wait_ended(&sid, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(rec.dials[0].status, "busy");
+    assert_eq!(rec.streams.len(), 2, "a new stream re-attached the agent");
+}
+
+#[tokio::test]
+async fn forged_dial_callbacks_and_bad_tenant_transfer_settings_are_refused() {
+    let s = stack(Opts::default()).await;
+    let id = s.call("+14155550714").await;
+    let r = s
+        .http
+        .post(format!("{}/twilio/dial/{id}", s.base))
+        .header("X-Twilio-Signature", "Zm9yZ2Vk")
+        .form(&[("DialCallStatus", "completed"), ("DialCallDuration", "5")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(s.get(&id).await["transfer"].is_null());
+
+    let admin = admin_key(&s);
+    for (body, field) in [
+        (
+            json!({"transfer_numbers": [{"number": "555-1234", "label": "x"}]}),
+            "transfer_numbers",
+        ),
+        (
+            json!({"transfer_numbers": [{"number": "+14155550900", "label": ""}]}),
+            "transfer_numbers",
+        ),
+        (
+            json!({"transfer_numbers": [
+                {"number": "+14155550900", "label": "a"},
+                {"number": "+14155550900", "label": "b"}]}),
+            "transfer_numbers",
+        ),
+        (json!({"transfer_mode": "lukewarm"}), "transfer_mode"),
+    ] {
+        let (code, v) = put_tenant(&s, &admin, body.clone()).await;
+        assert_eq!(code, 400, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(&format!("{field}: ")), "{v}");
+    }
+    let r = s
+        .http
+        .get(format!("{}/api/v1/tenants/acme", s.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["transfer_numbers"], json!([]), "nothing changed: {t}");
+    assert_eq!(t["transfer_mode"], "cold");
+}

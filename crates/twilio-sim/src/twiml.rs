@@ -23,6 +23,19 @@ pub enum Verb {
     Unsupported(String),
     /// `<Play digits="…"/>`: DTMF tones played on the call (`w`/`W`: a half-second pause).
     PlayDigits(String),
+    /// `<Dial>` with one `<Number>` (or the number as text).
+    Dial(DialSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DialSpec {
+    pub number: String,
+    pub action: Option<String>,
+    pub method: String,
+    pub timeout_secs: u64,
+    /// `<Number url>`: TwiML for the person answering, before the parties are joined.
+    pub whisper_url: Option<String>,
+    pub caller_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -94,6 +107,28 @@ fn verb(el: &Element) -> Result<Verb, TwimlError> {
             Verb::Pause { length_secs }
         }
         "Hangup" => Verb::Hangup,
+        "Dial" => {
+            let number_el = el.elements().find(|n| n.name == "Number");
+            let number = match number_el {
+                Some(n) => n.text().trim().to_owned(),
+                None => el.text().trim().to_owned(),
+            };
+            let timeout_secs = match el.attr("timeout") {
+                None => 30,
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| attr_err("Dial", "timeout", v))?,
+            };
+            Verb::Dial(DialSpec {
+                number,
+                action: el.attr("action").map(str::to_owned),
+                method: el.attr("method").unwrap_or("POST").to_owned(),
+                timeout_secs,
+                whisper_url: number_el.and_then(|n| n.attr("url")).map(str::to_owned),
+                caller_id: el.attr("callerId").map(str::to_owned),
+            })
+        }
         "Play" if el.attr("digits").is_some() => {
             let digits = el.attr("digits").unwrap_or_default().trim().to_owned();
             if digits.is_empty()
