@@ -95,11 +95,16 @@ pub(crate) async fn transfer(
         )));
     }
     let id = call.to_string();
-    let tenant = shared
+    let (tenant, ours) = shared
         .store
         .run(move |c| {
             let d = calls::detail(c, &id)?;
-            crate::store::tenants::get_by_id(c, d.tenant_id)
+            // Our side of the call: the caller ID the transfer target sees.
+            let ours = match d.call.direction {
+                crate::domain::Direction::Inbound => d.call.to.clone(),
+                _ => d.call.from.clone(),
+            };
+            Ok((crate::store::tenants::get_by_id(c, d.tenant_id)?, ours))
         })
         .await
         .map_err(|e| match e {
@@ -132,7 +137,7 @@ pub(crate) async fn transfer(
         action: format!("{base}/twilio/dial/{call}"),
         whisper_url: warm.then(|| format!("{base}/twilio/whisper/{call}")),
         timeout_secs: TRANSFER_RING_SECS,
-        caller_id: None,
+        caller_id: Some(ours).filter(|n| !n.is_empty()),
     };
     if let Err(e) = redirect(shared, call, &sid, &script).await {
         session.set_transfer(None);

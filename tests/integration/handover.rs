@@ -276,6 +276,11 @@ async fn cold_transfer_answered_ends_the_call_as_transferred() {
     assert_eq!(rec.dials.len(), 1, "{:?}", rec.dials);
     assert_eq!(rec.dials[0].number, "+14155550900");
     assert!(rec.dials[0].whisper.is_empty(), "cold: no whisper");
+    assert_eq!(
+        rec.dials[0].caller_id.as_deref(),
+        Some("+14155550100"),
+        "the target sees our number"
+    );
     assert!(rec.errors.is_empty(), "{:?}", rec.errors);
     assert_eq!(s.manager.session_count(), 0, "nothing left behind");
 }

@@ -680,6 +680,7 @@ impl Ctx {
             number: spec.number.clone(),
             status: status.to_owned(),
             action: spec.action.clone(),
+            caller_id: spec.caller_id.clone(),
             ..Default::default()
         };
         if status == "completed" {

@@ -282,6 +282,8 @@ pub struct DialRecord {
     /// What the `<Number url>` TwiML said to the person answering (its `<Say>` texts).
     pub whisper: Vec<String>,
     pub action: Option<String>,
+    /// The `callerId` the target saw (`None`: the call's own caller ID).
+    pub caller_id: Option<String>,
 }
 
 /// How long an answered transfer target talks before hanging up.

@@ -49,7 +49,8 @@ pub fn play_digits_then_stream(digits: &str, url: &str, params: &[(&str, &str)])
 }
 
 /// `<Dial action=…><Number url=…>` : join the call to `number`; Twilio requests `action`
-/// when the dial ends and continues with what it answers.
+/// when the dial ends and continues with what it answers. `answerOnBridge`: the caller hears
+/// ringing until the target answers.
 pub fn dial(
     number: &str,
     action: &str,
@@ -64,7 +65,7 @@ pub fn dial(
         .map(|u| format!(" url=\"{}\"", escape(u)))
         .unwrap_or_default();
     format!(
-        "{HEADER}<Response><Dial action=\"{}\" method=\"POST\" timeout=\"{timeout_secs}\"{caller}><Number{url}>{}</Number></Dial></Response>",
+        "{HEADER}<Response><Dial action=\"{}\" method=\"POST\" timeout=\"{timeout_secs}\" answerOnBridge=\"true\"{caller}><Number{url}>{}</Number></Dial></Response>",
         escape(action),
         escape(number)
     )
