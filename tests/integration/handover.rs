@@ -404,3 +404,64 @@ async fn forged_dial_callbacks_and_bad_tenant_transfer_settings_are_refused() {
     assert_eq!(t["transfer_numbers"], json!([]), "nothing changed: {t}");
     assert_eq!(t["transfer_mode"], "cold");
 }
+
+/// The same with the OpenAI Realtime engine (its fake records every session): one session
+/// for the whole call, and the conversation goes on in it after the new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_dtmf_keeps_one_realtime_session() {
+    use test_fakes::realtime::{FakeRealtime, RealtimeOpts};
+    let rt = FakeRealtime::start(RealtimeOpts {
+        reply_ms: 400,
+        greeting_ms: 400,
+        ..Default::default()
+    })
+    .await;
+    let (url, key) = (rt.url(), rt.opts().api_key.clone());
+    let s = stack(Opts {
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.agent.engine = voicectl::config::EngineKind::OpenAiRealtime;
+            c.openai.realtime_url = url;
+            c.openai.api_key = voicectl::config::Secret::new(key);
+            c.openai.beta_protocol = false;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let to = "+14155550721";
+    s.sim.set_scenario(
+        to,
+        Scenario::answer(CallerScript::new(vec![
+            Step::WaitForAgentSilence { min_ms: 200 },
+            Step::Silence(2000),
+            Step::Speak(600),
+            Step::WaitForAgentSilence { min_ms: 300 },
+            Step::Hangup,
+        ])),
+    );
+    let id = s.call(to).await;
+    let sid = wait_greeted(&s, &id).await;
+    let (code, v) = dtmf(&s, &id, "9").await;
+    assert_eq!(code, 202, "{v}");
+    let rec = s
+        .sim
+        .wait_ended(&sid, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(rec.played_digits, ["9"]);
+    assert_eq!(rec.streams.len(), 2);
+    rt.wait_all_closed(Duration::from_secs(5)).await;
+    let sessions = rt.sessions();
+    assert_eq!(sessions.len(), 1, "one engine session for the whole call");
+    let session = &sessions[0];
+    assert!(session.problems().is_empty(), "{:?}", session.problems());
+    assert!(
+        session.items.len() >= 2,
+        "greeting, then a reply after the new stream"
+    );
+    assert!(
+        !rec.streams[1].agent_audio.is_empty(),
+        "the reply played on the new stream"
+    );
+    let call = s.get(&id).await;
+    assert_eq!(call["end_reason"], "caller_hangup", "{call}");
+}
