@@ -56,6 +56,17 @@ pub enum CallsCmd {
     Show { id: String },
     /// Hang up a live call or cancel a queued one
     End { id: String },
+    /// Press keys on a live call (0-9 * # and w for a half-second pause); the conversation
+    /// goes on
+    Dtmf { id: String, digits: String },
+    /// Transfer a live call to one of its tenant's transfer numbers (number or label)
+    Transfer {
+        id: String,
+        destination: String,
+        /// What the person answering hears first (warm transfers)
+        #[arg(long, default_value = "")]
+        summary: String,
+    },
 }
 
 /// Exit status of `voicectl call` when the call ended other than `completed`.
@@ -257,6 +268,36 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
                 output::json(&call)?;
             } else {
                 println!("Call {id}: {}", call["status"].as_str().unwrap_or("?"));
+            }
+        }
+        CallsCmd::Dtmf { id, digits } => {
+            let cfg = ctx.load_config()?;
+            let server = LocalServer::connect(&cfg)?;
+            let r = runtime()?.block_on(server.post(
+                &format!("/api/v1/calls/{id}/dtmf"),
+                &serde_json::json!({ "digits": digits }),
+            ))?;
+            if ctx.json {
+                output::json(&r)?;
+            } else {
+                println!("Call {id}: playing {digits}");
+            }
+        }
+        CallsCmd::Transfer {
+            id,
+            destination,
+            summary,
+        } => {
+            let cfg = ctx.load_config()?;
+            let server = LocalServer::connect(&cfg)?;
+            let r = runtime()?.block_on(server.post(
+                &format!("/api/v1/calls/{id}/transfer"),
+                &serde_json::json!({ "destination": destination, "summary": summary }),
+            ))?;
+            if ctx.json {
+                output::json(&r)?;
+            } else {
+                println!("Call {id}: transferring to {destination}");
             }
         }
     }

@@ -465,3 +465,45 @@ async fn send_dtmf_keeps_one_realtime_session() {
     let call = s.get(&id).await;
     assert_eq!(call["end_reason"], "caller_hangup", "{call}");
 }
+
+#[test]
+fn tenant_transfer_settings_from_the_cli() {
+    let i = crate::support::Install::new();
+    i.init();
+    let t = i.json(&[
+        "tenant",
+        "add",
+        "acme",
+        "--transfer-number",
+        "+14155550100=sales",
+        "--transfer-number",
+        "+14155550111=front desk",
+        "--transfer-mode",
+        "warm",
+    ]);
+    assert_eq!(
+        t["transfer_numbers"],
+        json!([
+            {"number": "+14155550100", "label": "sales"},
+            {"number": "+14155550111", "label": "front desk"},
+        ])
+    );
+    assert_eq!(t["transfer_mode"], "warm");
+    let before = i.db_snapshot();
+    let err = i.fails(&["tenant", "update", "acme", "--transfer-mode", "tepid"]);
+    assert!(err.contains("transfer_mode"), "{err}");
+    let err = i.fails(&["tenant", "update", "acme", "--transfer-number", "+1415"]);
+    assert!(err.contains("transfer_numbers"), "{err}");
+    let err = i.fails(&[
+        "tenant",
+        "update",
+        "acme",
+        "--transfer-number",
+        "+14155550122",
+    ]);
+    assert!(err.contains("label"), "{err}");
+    assert_eq!(i.db_snapshot(), before, "bad input changed nothing");
+    let t = i.json(&["tenant", "update", "acme", "--no-transfer-numbers"]);
+    assert_eq!(t["transfer_numbers"], json!([]));
+    assert_eq!(t["transfer_mode"], "warm");
+}
