@@ -440,6 +440,35 @@ mod tests {
     const SAY_HANGUP: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>Sorry &amp; goodbye &lt;3</Say><Hangup/></Response>";
 
     #[test]
+    fn reads_play_digits_and_dial_with_number_url() {
+        let x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Play digits=\"12w#\"/><Dial action=\"https://h/a?x=1&amp;y=2\" method=\"POST\" timeout=\"20\" answerOnBridge=\"true\" callerId=\"+14155550100\"><Number url=\"https://h/w\">+14155550900</Number></Dial></Response>";
+        assert_eq!(
+            parse(x).unwrap(),
+            vec![
+                Verb::PlayDigits("12w#".into()),
+                Verb::Dial(DialSpec {
+                    number: "+14155550900".into(),
+                    action: Some("https://h/a?x=1&y=2".into()),
+                    method: "POST".into(),
+                    timeout_secs: 20,
+                    whisper_url: Some("https://h/w".into()),
+                    caller_id: Some("+14155550100".into()),
+                })
+            ]
+        );
+        assert!(parse("<Response><Play digits=\"12x\"/></Response>").is_err());
+        assert_eq!(
+            parse("<Response><Dial>+14155550900</Dial></Response>").unwrap(),
+            vec![Verb::Dial(DialSpec {
+                number: "+14155550900".into(),
+                method: "POST".into(),
+                timeout_secs: 30,
+                ..Default::default()
+            })]
+        );
+    }
+
+    #[test]
     fn reads_what_our_builder_writes() {
         let verbs = parse(CONNECT_STREAM).unwrap();
         assert_eq!(
