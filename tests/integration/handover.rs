@@ -157,6 +157,15 @@ async fn another_tenants_call_is_not_found_and_unknown_fields_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    let r = s
+        .http
+        .post(format!("{}/api/v1/calls/{id}/transfer", s.base))
+        .bearer_auth(&other)
+        .json(&json!({"destination": "sales"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another tenant's call");
     let (code, v) = s
         .api(
             Method::POST,
@@ -283,6 +292,13 @@ async fn cold_transfer_answered_ends_the_call_as_transferred() {
     );
     assert!(rec.errors.is_empty(), "{:?}", rec.errors);
     assert_eq!(s.manager.session_count(), 0, "nothing left behind");
+    // The call is over: a second transfer is a clear 409.
+    let (code, v) = transfer(&s, &id, "sales", "").await;
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("not live"),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
