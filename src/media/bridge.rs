@@ -239,7 +239,11 @@ impl<L: Leg> Bridge<L> {
                             }
                         }
                         LegEvent::Dtmf(digit) => tracing::info!(digit = %digit, "dtmf"),
-                        LegEvent::Closed if b.cx.handover.load(Ordering::SeqCst) => {
+                        // The carrier drops the socket (with or without `stop`) when it
+                        // moves the call elsewhere.
+                        LegEvent::Closed | LegEvent::Failed
+                            if b.cx.handover.load(Ordering::SeqCst) =>
+                        {
                             break (HANDOVER, None)
                         }
                         LegEvent::Closed => break ("caller_hangup", None),
