@@ -94,6 +94,7 @@ impl From<CallError> for ApiError {
                     e.to_string(),
                 )
             },
+            CallError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "call_not_live", m),
         }
     }
 }

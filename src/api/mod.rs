@@ -4,6 +4,7 @@
 mod calls;
 mod campaigns;
 mod certs;
+mod handover;
 mod health;
 mod ops;
 mod recording;
@@ -42,6 +43,7 @@ fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi
         .merge(tenants::routes())
         .merge(calls::routes())
         .merge(recording::routes())
+        .merge(handover::routes())
         .merge(campaigns::routes())
         .merge(status::routes())
         .merge(certs::routes())

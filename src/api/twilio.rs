@@ -21,6 +21,8 @@ pub fn routes() -> Router<AppState> {
         .route("/answer/{id}", post(answer))
         .route("/status/{id}", post(status))
         .route("/amd/{id}", post(amd))
+        .route("/dial/{id}", post(dial))
+        .route("/whisper/{id}", post(whisper))
         .route("/media", get(media))
 }
 
@@ -136,6 +138,42 @@ async fn status(
     };
     s.calls().carrier_update(id.as_str(), update).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A transfer's `<Dial action>`: how the dial ended; answers what the call does next.
+async fn dial(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = signed_form(&s, &uri, &headers, &body).await?;
+    let id = call_id(&id)?;
+    if !s.calls().knows(id.as_str()).await {
+        return Err(ApiError::not_found("call"));
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(status) = get("DialCallStatus") else {
+        return Err(ApiError::bad_request("DialCallStatus", "missing"));
+    };
+    let duration = get("DialCallDuration").and_then(|d| d.parse().ok());
+    Ok(twiml(
+        s.calls().dial_ended(id.as_str(), status, duration).await,
+    ))
+}
+
+/// A warm transfer's `<Number url>`: what the person answering hears first.
+async fn whisper(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    signed_form(&s, &uri, &headers, &body).await?;
+    let id = call_id(&id)?;
+    Ok(twiml(s.calls().whisper(id.as_str())))
 }
 
 async fn amd(

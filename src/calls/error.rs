@@ -15,6 +15,9 @@ pub enum CallError {
     Unavailable(String),
     #[error("engine {0} is failing; new calls are refused until it recovers")]
     EngineUnavailable(EngineKind),
+    /// The call is not in a state that allows this (e.g. an action on an ended call).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl CallError {

@@ -106,8 +106,23 @@ impl Shared {
         call_sid: &str,
         inbound: bool,
         mut leg: L,
-        outcome: Outcome,
+        mut outcome: Outcome,
     ) {
+        if outcome.is_handover() {
+            leg.close().await;
+            if let Some(crate::media::bridge::Parked(engine)) = outcome.parked.take() {
+                let back = match self.sessions.get(id) {
+                    Some(s) => s.park(engine),
+                    None => Err(engine),
+                };
+                if let Err(engine) = back {
+                    // The call ended meanwhile: nobody will take the engine back.
+                    engine.close().await;
+                }
+            }
+            tracing::info!("media stream handed over; the call goes on");
+            return;
+        }
         if outcome.engine_failed() && !call_sid.is_empty() {
             self.apologize(call_sid).await;
         }

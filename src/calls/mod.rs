@@ -51,6 +51,17 @@ use crate::store::{Store, StoreError};
 use crate::telephony::{CarrierUpdate, InboundCall, Script, StreamStart};
 use shared::Shared;
 
+/// A handover refusal as the API reports it.
+fn handover_error(e: handover::HandoverError, field: &str) -> CallError {
+    use handover::HandoverError as H;
+    match e {
+        H::NotFound => CallError::Store(StoreError::NotFound("call")),
+        e @ (H::NotLive(_) | H::NotBridged | H::Busy) => CallError::Conflict(e.to_string()),
+        e @ (H::Invalid(_) | H::NotAllowed(_)) => CallError::invalid(field, e.to_string()),
+        e @ (H::Carrier(_) | H::Internal(_)) => CallError::Unavailable(e.to_string()),
+    }
+}
+
 pub use crate::domain::{CallStatus, Direction};
 
 /// The call service. Cheap to share (`Arc`); all state lives behind it.
@@ -239,6 +250,55 @@ impl Calls {
             .run(move |c| crate::store::calls::get(c, Scope::All, &id).map(|_| ()))
             .await
             .is_ok()
+    }
+
+    /// `POST /calls/{id}/dtmf`: plays digits on a live call of `scope`'s; the
+    /// conversation carries on afterwards.
+    pub async fn send_dtmf(&self, scope: Scope, id: &str, digits: &str) -> Result<(), CallError> {
+        let call = self.scoped_call(scope, id).await?;
+        handover::send_dtmf(&self.s, &call, digits)
+            .await
+            .map_err(|e| handover_error(e, "digits"))
+    }
+
+    /// `POST /calls/{id}/transfer`: transfers a live call of `scope`'s to one of its
+    /// tenant's transfer numbers.
+    pub async fn transfer(
+        &self,
+        scope: Scope,
+        id: &str,
+        destination: &str,
+        summary: &str,
+    ) -> Result<(), CallError> {
+        let call = self.scoped_call(scope, id).await?;
+        handover::transfer(&self.s, &call, destination, summary)
+            .await
+            .map_err(|e| handover_error(e, "destination"))
+    }
+
+    /// The id of call `id` if `scope` may see it (another tenant's call is not found).
+    async fn scoped_call(
+        &self,
+        scope: Scope,
+        id: &str,
+    ) -> Result<crate::domain::ids::CallId, CallError> {
+        let gid = id.to_owned();
+        let call = self
+            .s
+            .store
+            .run(move |c| crate::store::calls::get(c, scope, &gid))
+            .await?;
+        Ok(call.id)
+    }
+
+    /// The carrier reports how a transfer's dial ended; returns what the call does next.
+    pub async fn dial_ended(&self, id: &str, status: &str, duration: Option<i64>) -> Script {
+        self.s.dial_ended(id, status, duration).await
+    }
+
+    /// What the person answering a warm transfer of call `id` hears first.
+    pub fn whisper(&self, id: &str) -> Script {
+        self.s.whisper(id)
     }
 
     /// The carrier reports on call `id` (status callback, answering-machine detection).

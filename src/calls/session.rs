@@ -23,6 +23,24 @@ pub struct Session {
     end: CancellationToken,
     prewarmed: Mutex<Option<Prewarm>>,
     bridged: AtomicBool,
+    /// Set while the carrier moves the call's media to a new stream (keypad out, transfer):
+    /// the bridge ending then parks the engine here for the next stream.
+    handover: Arc<AtomicBool>,
+    parking: Mutex<Option<tokio::sync::oneshot::Sender<Engine>>>,
+    /// When the call's first media stream started: governors count from here across
+    /// handovers.
+    first_stream: std::sync::OnceLock<tokio::time::Instant>,
+    /// What the agent says when it is back after a handover (e.g. a transfer that failed).
+    resume_say: Mutex<Option<String>>,
+    /// A transfer being dialed: (the target as listed, the summary for a warm whisper).
+    transfer: Mutex<Option<PendingTransfer>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingTransfer {
+    pub number: String,
+    pub label: String,
+    pub summary: String,
 }
 
 impl Session {
@@ -35,7 +53,91 @@ impl Session {
             end: CancellationToken::new(),
             prewarmed: Mutex::new(None),
             bridged: AtomicBool::new(false),
+            handover: Arc::new(AtomicBool::new(false)),
+            parking: Mutex::new(None),
+            first_stream: std::sync::OnceLock::new(),
+            resume_say: Mutex::new(None),
+            transfer: Mutex::new(None),
         }
+    }
+
+    pub fn set_transfer(&self, t: Option<PendingTransfer>) {
+        *self.transfer.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+
+    pub fn transfer(&self) -> Option<PendingTransfer> {
+        self.transfer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The flag the bridge reads: a stream closing while it is set is a handover.
+    pub fn handover_flag(&self) -> Arc<AtomicBool> {
+        self.handover.clone()
+    }
+
+    pub fn in_handover(&self) -> bool {
+        self.handover.load(Ordering::SeqCst)
+    }
+
+    /// Starts a handover: the running bridge's engine will be parked when its stream
+    /// closes, and the next stream's engine is that one (through the pre-warm slot, so a
+    /// stream arriving before the old one is fully closed still waits for it).
+    pub fn begin_handover(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Engine>();
+        *self.parking.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.set_prewarm(tokio::spawn(async move {
+            rx.await.map_err(|_| {
+                EngineError::Failed("the engine was not handed over to the new stream".into())
+            })
+        }));
+        self.handover.store(true, Ordering::SeqCst);
+    }
+
+    /// The carrier refused the redirect: the running bridge keeps its engine.
+    pub fn cancel_handover(&self) {
+        self.handover.store(false, Ordering::SeqCst);
+        self.parking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.drop_prewarm();
+    }
+
+    /// The old bridge hands its engine over (true), or there was no handover (false: the
+    /// engine is the caller's to close).
+    pub fn park(&self, engine: Engine) -> Result<(), Engine> {
+        match self
+            .parking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(tx) => tx.send(engine),
+            None => Err(engine),
+        }
+    }
+
+    /// The new stream took the call back: the handover is over.
+    pub fn end_handover(&self) {
+        self.handover.store(false, Ordering::SeqCst);
+    }
+
+    /// When the first stream started (set on the first call).
+    pub fn first_stream_at(&self) -> tokio::time::Instant {
+        *self.first_stream.get_or_init(tokio::time::Instant::now)
+    }
+
+    pub fn set_resume_say(&self, text: Option<String>) {
+        *self.resume_say.lock().unwrap_or_else(|p| p.into_inner()) = text;
+    }
+
+    pub fn take_resume_say(&self) -> Option<String> {
+        self.resume_say
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn events(&self) -> &broadcast::Sender<CallEvent> {

@@ -91,9 +91,10 @@ impl Shared {
                 Ok((d, t, tools))
             })
             .await?;
+        let transfer = !tenant.transfer_numbers.is_empty();
         let mut setup = CallSetup::resolve(detail, tenant, &self.config());
         // The engine may be opened here, while the phone rings: it needs the functions now.
-        setup.ctx.tools = super::tools::specs(&tools);
+        setup.ctx.tools = super::tools::specs(&tools, transfer);
         Ok(setup)
     }
 

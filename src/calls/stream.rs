@@ -57,6 +57,12 @@ impl Shared {
                 if let Some(call) = changed {
                     self.announce(&call);
                 }
+                // A stream arriving while a handover is under way takes the call back: same
+                // engine session, no new greeting, governors counting from the first stream.
+                let resumed = session.in_handover();
+                let max_duration = setup
+                    .max_duration
+                    .saturating_sub(session.first_stream_at().elapsed());
                 let kind = setup.kind;
                 let inbound = setup.inbound;
                 let recording = setup.record.then(|| {
@@ -70,18 +76,24 @@ impl Shared {
                     end: session.end_token().clone(),
                     wind_down: self.wind_down.clone(),
                     engine: kind,
-                    max_duration: setup.max_duration,
+                    max_duration,
                     silence_timeout: cfg.agent.silence_timeout.0,
                     goodbye: cfg.agent.goodbye.clone(),
                     metrics: self.metrics.clone(),
                     breakers: self.breakers.clone(),
                     recording,
                     tools: Some(tool_link),
+                    handover: session.handover_flag(),
+                    resumed: resumed.then(|| session.take_resume_say()),
                 };
                 let engine = self
                     .take_engine(id, setup)
                     .await
                     .map_err(|e| e.to_string());
+                if resumed {
+                    tracing::info!("media stream resumed after a handover");
+                    session.end_handover();
+                }
                 let (leg, outcome) = Bridge::run(cx, leg, engine).await;
                 self.stream_ended(id, &start.call_sid, inbound, leg, outcome)
                     .await;

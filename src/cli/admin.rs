@@ -13,7 +13,7 @@ use crate::domain::Invalid;
 use crate::domain::tenant::validate_key;
 use crate::domain::timefmt::now_ms;
 use crate::store::keys::{self, KeyInfo};
-use crate::store::tenants::{self, Tenant, TenantPatch};
+use crate::store::tenants::{self, Tenant, TenantPatch, TransferNumber};
 use crate::store::{Store, StoreError, admin};
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +88,17 @@ pub struct TenantFields {
     /// Spoken first on recorded calls ("" removes it)
     #[arg(long, value_name = "TEXT")]
     recording_notice: Option<String>,
+    /// Transfer target as NUMBER=LABEL, e.g. +14155550100=sales (repeat; on update,
+    /// replaces the whole list)
+    #[arg(long = "transfer-number", value_name = "E164=LABEL")]
+    transfer_numbers: Vec<String>,
+    /// Remove all transfer numbers (update)
+    #[arg(long, conflicts_with = "transfer_numbers")]
+    no_transfer_numbers: bool,
+    /// cold (default) | warm: warm transfers first tell the person answering what the call
+    /// is about
+    #[arg(long, value_name = "MODE")]
+    transfer_mode: Option<String>,
 }
 
 impl TenantFields {
@@ -113,6 +124,29 @@ impl TenantFields {
             webhook_url: self.webhook_url,
             record: self.record,
             recording_notice: self.recording_notice,
+            transfer_numbers: if self.no_transfer_numbers {
+                Some(Vec::new())
+            } else if self.transfer_numbers.is_empty() {
+                None
+            } else {
+                Some(
+                    self.transfer_numbers
+                        .into_iter()
+                        .map(|t| match t.split_once('=') {
+                            Some((n, l)) => TransferNumber {
+                                number: n.trim().to_owned(),
+                                label: l.trim().to_owned(),
+                            },
+                            // Validation names the missing label.
+                            None => TransferNumber {
+                                number: t.trim().to_owned(),
+                                label: String::new(),
+                            },
+                        })
+                        .collect(),
+                )
+            },
+            transfer_mode: self.transfer_mode,
         }
     }
 }

@@ -63,6 +63,17 @@ pub enum CallsCmd {
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: std::path::PathBuf,
     },
+    /// Press keys on a live call (0-9 * # and w for a half-second pause); the conversation
+    /// goes on
+    Dtmf { id: String, digits: String },
+    /// Transfer a live call to one of its tenant's transfer numbers (number or label)
+    Transfer {
+        id: String,
+        destination: String,
+        /// What the person answering hears first (warm transfers)
+        #[arg(long, default_value = "")]
+        summary: String,
+    },
 }
 
 /// Exit status of `voicectl call` when the call ended other than `completed`.
@@ -275,6 +286,36 @@ pub fn run(ctx: &Ctx, cmd: CallsCmd) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
             if !ctx.json {
                 println!("Saved {} ({} bytes)", output.display(), wav.len());
+            }
+        }
+        CallsCmd::Dtmf { id, digits } => {
+            let cfg = ctx.load_config()?;
+            let server = LocalServer::connect(&cfg)?;
+            let r = runtime()?.block_on(server.post(
+                &format!("/api/v1/calls/{id}/dtmf"),
+                &serde_json::json!({ "digits": digits }),
+            ))?;
+            if ctx.json {
+                output::json(&r)?;
+            } else {
+                println!("Call {id}: playing {digits}");
+            }
+        }
+        CallsCmd::Transfer {
+            id,
+            destination,
+            summary,
+        } => {
+            let cfg = ctx.load_config()?;
+            let server = LocalServer::connect(&cfg)?;
+            let r = runtime()?.block_on(server.post(
+                &format!("/api/v1/calls/{id}/transfer"),
+                &serde_json::json!({ "destination": destination, "summary": summary }),
+            ))?;
+            if ctx.json {
+                output::json(&r)?;
+            } else {
+                println!("Call {id}: transferring to {destination}");
             }
         }
     }

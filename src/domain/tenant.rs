@@ -1,7 +1,7 @@
 //! Tenant input: the fields an admin may set, and the rules they must pass before the store
 //! sees them.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EngineKind, Invalid};
 use crate::domain::phone::E164;
@@ -30,6 +30,73 @@ pub struct TenantPatch {
     pub record: Option<bool>,
     /// Spoken first on recorded calls; empty clears it.
     pub recording_notice: Option<String>,
+    /// Where calls may be transferred (the agent's `transfer_call` tool and
+    /// `POST /calls/{id}/transfer`); `[]` removes them all.
+    pub transfer_numbers: Option<Vec<TransferNumber>>,
+    /// `cold` (default: the call is joined at once) or `warm` (the person answering first
+    /// hears the agent's summary).
+    pub transfer_mode: Option<String>,
+}
+
+/// A number calls may be transferred to, with the label the agent and operators use for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferNumber {
+    /// E.164, e.g. `+14155550100`.
+    pub number: String,
+    /// e.g. `sales`, `front desk` (1–60 characters).
+    #[serde(default)]
+    pub label: String,
+}
+
+/// At most this many transfer numbers per tenant.
+pub const MAX_TRANSFER_NUMBERS: usize = 20;
+
+/// The transfer modes (`transfer_mode`).
+pub const TRANSFER_MODES: [&str; 2] = ["cold", "warm"];
+
+fn check_transfer(list: &[TransferNumber], mode: Option<&str>) -> Result<(), Invalid> {
+    if list.len() > MAX_TRANSFER_NUMBERS {
+        return Err(Invalid::new(
+            "transfer_numbers",
+            format!("at most {MAX_TRANSFER_NUMBERS} transfer numbers"),
+        ));
+    }
+    for (i, t) in list.iter().enumerate() {
+        E164::parse(&t.number)
+            .map_err(|e| Invalid::new("transfer_numbers", format!("{:?}: {e}", t.number)))?;
+        let label = t.label.trim();
+        if label.is_empty() || label.chars().count() > 60 {
+            return Err(Invalid::new(
+                "transfer_numbers",
+                format!("{}: label must be 1-60 characters", t.number),
+            ));
+        }
+        if list[..i].iter().any(|o| o.number == t.number) {
+            return Err(Invalid::new(
+                "transfer_numbers",
+                format!("{} is listed twice", t.number),
+            ));
+        }
+        if list[..i]
+            .iter()
+            .any(|o| o.label.trim().eq_ignore_ascii_case(label))
+        {
+            return Err(Invalid::new(
+                "transfer_numbers",
+                format!("label {label:?} is used twice"),
+            ));
+        }
+    }
+    if let Some(m) = mode
+        && !TRANSFER_MODES.contains(&m)
+    {
+        return Err(Invalid::new(
+            "transfer_mode",
+            format!("unknown transfer mode {m:?} (one of: cold, warm)"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn validate_name(name: &str) -> Result<(), Invalid> {
@@ -91,6 +158,10 @@ impl TenantPatch {
                 }
             }
         }
+        check_transfer(
+            self.transfer_numbers.as_deref().unwrap_or_default(),
+            self.transfer_mode.as_deref(),
+        )?;
         for (field, v) in [
             ("max_concurrent_calls", self.max_concurrent_calls),
             ("calls_per_minute", self.calls_per_minute),

@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -39,6 +40,8 @@ const TRANSCRIPT_BATCH: usize = 16;
 const TRANSCRIPT_FLUSH: Duration = Duration::from_secs(2);
 /// After the goodbye of a governor, the call ends even if playback is never confirmed.
 const GOODBYE_GRACE: Duration = Duration::from_secs(8);
+/// The outcome reason of a stream that closed for a handover.
+pub const HANDOVER: &str = "handover";
 
 /// What a bridge needs from the rest of the server, and nothing more.
 pub struct BridgeContext {
@@ -61,6 +64,12 @@ pub struct BridgeContext {
     pub recording: Option<std::path::PathBuf>,
     /// The call domain's tool executor; `None`: tool calls are answered "not available".
     pub tools: Option<ToolLink>,
+    /// Set while the call's media moves to a new stream: the stream closing then is a
+    /// handover (the engine is handed back, not closed), not the end of the call.
+    pub handover: Arc<AtomicBool>,
+    /// The engine carries on a conversation from an earlier stream of this call (no new
+    /// greeting); `Some(text)`: what the agent says first now that it is back.
+    pub resumed: Option<Option<String>>,
 }
 
 /// How the bridged part of a call ended.
@@ -70,11 +79,26 @@ pub struct Outcome {
     /// of a governor or the engine (`max_duration`, `silence`, `shutdown`, …).
     pub reason: &'static str,
     pub error: Option<String>,
+    /// The engine, still open, when the stream ended for a handover (`reason` `handover`).
+    pub parked: Option<Parked>,
+}
+
+/// An engine handed back by a bridge for the next stream of the same call.
+pub struct Parked(pub Engine);
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Parked")
+    }
 }
 
 impl Outcome {
     pub fn engine_failed(&self) -> bool {
         self.reason == "engine_error"
+    }
+
+    pub fn is_handover(&self) -> bool {
+        self.reason == HANDOVER
     }
 }
 
@@ -193,7 +217,12 @@ impl<L: Leg> Bridge<L> {
             Ok(e) => e,
             Err(e) => return b.finish("engine_error", Some(e)).await,
         };
-        if let Err(e) = engine.stream_started().await {
+        let started = match b.cx.resumed.take() {
+            None => engine.stream_started().await,
+            Some(None) => Ok(()),
+            Some(Some(text)) => engine.say(&text).await,
+        };
+        if let Err(e) = started {
             tracing::error!(error = %e, "engine failed");
             b.cx.breakers.failure(kind);
             return b.finish("engine_error", Some(e.to_string())).await;
@@ -230,6 +259,13 @@ impl<L: Leg> Bridge<L> {
                             }
                         }
                         LegEvent::Dtmf(digit) => tracing::info!(digit = %digit, "dtmf"),
+                        // The carrier drops the socket (with or without `stop`) when it
+                        // moves the call elsewhere.
+                        LegEvent::Closed | LegEvent::Failed
+                            if b.cx.handover.load(Ordering::SeqCst) =>
+                        {
+                            break (HANDOVER, None)
+                        }
                         LegEvent::Closed => break ("caller_hangup", None),
                         LegEvent::Failed => break ("stream_error", None),
                         LegEvent::Ignored => {}
@@ -308,6 +344,11 @@ impl<L: Leg> Bridge<L> {
                 }
             }
         };
+        if reason == HANDOVER {
+            let (leg, mut outcome) = b.finish(reason, error).await;
+            outcome.parked = Some(Parked(engine));
+            return (leg, outcome);
+        }
         engine.close().await;
         if reason == "engine_error" {
             tracing::error!(error = ?error, "engine failed mid-call");
@@ -513,7 +554,9 @@ impl<L: Leg> Bridge<L> {
     /// latencies recorded. The leg stays open for the caller's last word.
     async fn finish(mut self, reason: &'static str, error: Option<String>) -> (L, Outcome) {
         self.flush_transcript().await;
-        note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;
+        if reason != HANDOVER {
+            note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;
+        }
         self.flush_frame_counts();
         if let Some(r) = self.recorder.take() {
             // What was still queued at the phone when the call ended was never heard.
@@ -560,7 +603,14 @@ impl<L: Leg> Bridge<L> {
         {
             tracing::error!(error = %e, "cannot store call latency");
         }
-        (self.leg, Outcome { reason, error })
+        (
+            self.leg,
+            Outcome {
+                reason,
+                error,
+                parked: None,
+            },
+        )
     }
 }
 
@@ -626,6 +676,8 @@ mod tests {
             breakers: Arc::new(Breakers::default()),
             recording: None,
             tools: None,
+            handover: Arc::new(AtomicBool::new(false)),
+            resumed: None,
         };
         let engine = Engine::Scripted(Box::new(ScriptedEngine::new(CallContext {
             call_id,
@@ -681,6 +733,8 @@ mod tests {
             breakers: Arc::new(Breakers::default()),
             recording: None,
             tools: None,
+            handover: Arc::new(AtomicBool::new(false)),
+            resumed: None,
         };
         let leg = FakeLeg {
             hang_up_at: Instant::now() + Duration::from_secs(60),

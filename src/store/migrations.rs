@@ -286,6 +286,12 @@ PRAGMA writable_schema = RESET;
 CREATE TABLE schema_bump_10 (x INTEGER) STRICT;
 DROP TABLE schema_bump_10;
 "#,
+    // 11: transfers: a tenant's transfer numbers and mode, and a call's transfer outcome.
+    r#"
+ALTER TABLE tenants ADD COLUMN transfer_numbers TEXT;
+ALTER TABLE tenants ADD COLUMN transfer_mode TEXT;
+ALTER TABLE calls ADD COLUMN transfer TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{Result, StoreError};
 use crate::domain::ids::random_token;
-pub use crate::domain::tenant::TenantPatch;
+pub use crate::domain::tenant::{TenantPatch, TransferNumber};
 use crate::domain::timefmt::{now_ms, rfc3339};
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -32,6 +32,9 @@ pub struct Tenant {
     pub record: Option<bool>,
     /// Spoken first on recorded calls.
     pub recording_notice: Option<String>,
+    pub transfer_numbers: Vec<TransferNumber>,
+    /// `cold` or `warm`.
+    pub transfer_mode: String,
 }
 
 fn empty_to_none(v: Option<String>) -> Option<Option<String>> {
@@ -62,10 +65,21 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
         numbers: Vec::new(),
         record: r.get(15)?,
         recording_notice: r.get(16)?,
+        transfer_numbers: Vec::new(),
+        transfer_mode: "cold".into(),
     })
 }
 
 fn load_numbers(conn: &Connection, t: &mut Tenant) -> Result<()> {
+    let (list, mode): (Option<String>, Option<String>) = conn.query_row(
+        "SELECT transfer_numbers, transfer_mode FROM tenants WHERE id = ?1",
+        [t.id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    t.transfer_numbers = list
+        .and_then(|l| serde_json::from_str(&l).ok())
+        .unwrap_or_default();
+    t.transfer_mode = mode.unwrap_or_else(|| "cold".into());
     let mut st = conn
         .prepare_cached("SELECT number FROM tenant_numbers WHERE tenant_id = ?1 ORDER BY number")?;
     t.numbers = st
@@ -102,6 +116,30 @@ fn set_numbers(conn: &Connection, id: i64, numbers: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Sets what the patch says about transfers (validated before).
+fn set_transfer(
+    conn: &Connection,
+    id: i64,
+    numbers: Option<Vec<TransferNumber>>,
+    mode: Option<String>,
+) -> Result<()> {
+    if let Some(list) = &numbers {
+        let json = serde_json::to_string(list)
+            .map_err(|e| StoreError::Task(format!("transfer numbers: {e}")))?;
+        conn.execute(
+            "UPDATE tenants SET transfer_numbers = ?1 WHERE id = ?2",
+            params![json, id],
+        )?;
+    }
+    if let Some(mode) = &mode {
+        conn.execute(
+            "UPDATE tenants SET transfer_mode = ?1 WHERE id = ?2",
+            params![mode, id],
+        )?;
+    }
+    Ok(())
+}
+
 /// Creates a tenant from a patch that passed [`TenantPatch::validate_create`].
 pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
     let Some(name) = p.name.clone() else {
@@ -109,6 +147,7 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
         // address the tenant by.
         return Err(StoreError::Conflict("a new tenant needs a name".into()));
     };
+    let (transfer_numbers, transfer_mode) = (p.transfer_numbers.clone(), p.transfer_mode.clone());
     let tx = conn.transaction()?;
     let exists: bool = tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM tenants WHERE name = ?1)",
@@ -146,6 +185,7 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
     let id = tx.last_insert_rowid();
     set_numbers(&tx, id, p.numbers.as_deref().unwrap_or_default())?;
     super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
+    set_transfer(&tx, id, transfer_numbers, transfer_mode)?;
     tx.commit()?;
     get(conn, &name)
 }
@@ -193,6 +233,7 @@ pub fn list(conn: &Connection) -> Result<Vec<Tenant>> {
 
 /// Changes tenant `name` with a patch that passed [`TenantPatch::validate_update`].
 pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenant> {
+    let (transfer_numbers, transfer_mode) = (p.transfer_numbers.clone(), p.transfer_mode.clone());
     let tx = conn.transaction()?;
     let current = get(&tx, name)?;
     let id = current.id;
@@ -240,6 +281,7 @@ pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenan
         set_numbers(&tx, id, numbers)?;
     }
     super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
+    set_transfer(&tx, id, transfer_numbers, transfer_mode)?;
     tx.execute(
         "UPDATE tenants SET updated_at = ?1 WHERE id = ?2",
         params![now_ms(), id],

@@ -29,6 +29,25 @@ pub enum Script {
     SayHangup(&'static str),
     /// Hang up at once.
     Hangup,
+    /// Press keys on the call (DTMF tones; `w` waits half a second), then connect its audio
+    /// to our media endpoint again.
+    PlayDigitsThenStream {
+        digits: String,
+        url: String,
+        params: Vec<(&'static str, String)>,
+    },
+    /// Dial `number` and join the call to it. `action`: where the carrier reports how the
+    /// dial ended (the call goes on with what that answers); `whisper_url`: TwiML played to
+    /// the person answering before the two are joined.
+    Dial {
+        number: String,
+        action: String,
+        whisper_url: Option<String>,
+        timeout_secs: u32,
+        caller_id: Option<String>,
+    },
+    /// Speak a message and carry on (a whisper to the person answering a transfer).
+    Say(String),
 }
 
 /// A call's state as the carrier reports it (status callback or fetch).

@@ -10,6 +10,7 @@ mod dashboard;
 mod e2e;
 mod engines;
 mod fakes_selftest;
+mod handover;
 mod layering;
 mod lifecycle;
 mod limits;

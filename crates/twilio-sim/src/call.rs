@@ -94,6 +94,8 @@ fn new_record(
         webhooks: Vec::new(),
         said: Vec::new(),
         unsupported_verbs: Vec::new(),
+        played_digits: Vec::new(),
+        dials: Vec::new(),
         errors: Vec::new(),
         streams: Vec::new(),
     }
@@ -658,9 +660,69 @@ impl Ctx {
         }
     }
 
+    /// Runs a `<Dial>`; returns the action URL's TwiML (which replaces the rest of the
+    /// document), or `None` to go on with the next verb (no action) or stop (call ended).
+    async fn dial(&mut self, spec: twiml::DialSpec) -> Option<Vec<Verb>> {
+        let (status, ring) = if spec.number.ends_with("0486") {
+            ("busy", Duration::from_millis(300))
+        } else if spec.number.ends_with("0487") {
+            // Rings out (shortened: the simulator does not make tests wait `timeout`).
+            ("no-answer", Duration::from_millis(300))
+        } else if spec.number.ends_with("0488") {
+            ("failed", Duration::from_millis(100))
+        } else {
+            ("completed", Duration::from_millis(200))
+        };
+        if !self.sleep(ring).await {
+            return None;
+        }
+        let mut record = crate::model::DialRecord {
+            number: spec.number.clone(),
+            status: status.to_owned(),
+            action: spec.action.clone(),
+            caller_id: spec.caller_id.clone(),
+            ..Default::default()
+        };
+        if status == "completed" {
+            if let Some(url) = &spec.whisper_url {
+                let verbs = self
+                    .fetch_twiml(url, "POST", CallStatus::InProgress, Vec::new())
+                    .await?;
+                record.whisper = verbs
+                    .into_iter()
+                    .filter_map(|v| match v {
+                        Verb::Say { text, .. } => Some(text),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            record.duration_secs = crate::model::DIAL_TALK.as_secs();
+            self.cell.rec().dials.push(record);
+            if !self.sleep(crate::model::DIAL_TALK).await {
+                return None;
+            }
+        } else {
+            self.cell.rec().dials.push(record);
+        }
+        let action = spec.action?;
+        let duration = if status == "completed" {
+            crate::model::DIAL_TALK.as_secs()
+        } else {
+            0
+        };
+        let extra = vec![
+            ("DialCallStatus".to_owned(), status.to_owned()),
+            ("DialCallDuration".to_owned(), duration.to_string()),
+            ("DialCallSid".to_owned(), crate::new_sid("CA")),
+        ];
+        self.fetch_twiml(&action, &spec.method, CallStatus::InProgress, extra)
+            .await
+    }
+
     async fn run_verbs(&mut self, verbs: Vec<Verb>) {
         let per_char = self.inner.cfg.timing.say_per_char;
-        for verb in verbs {
+        let mut verbs = verbs.into_iter();
+        while let Some(verb) = verbs.next() {
             if self.is_ended() || self.cell.has_redirect() {
                 return;
             }
@@ -703,6 +765,31 @@ impl Ctx {
                     self.cell.rec().unsupported_verbs.push(name);
                 }
                 Verb::Reject { .. } => {}
+                Verb::Dial(spec) => {
+                    let has_action = spec.action.is_some();
+                    match self.dial(spec).await {
+                        Some(next) => verbs = next.into_iter(),
+                        None if has_action || self.is_ended() => return,
+                        None => {}
+                    }
+                }
+                Verb::PlayDigits(digits) => {
+                    // Twilio's tones: about 100 ms a key; `w` waits half a second.
+                    let d: Duration = digits
+                        .chars()
+                        .map(|c| {
+                            if c.eq_ignore_ascii_case(&'w') {
+                                Duration::from_millis(500)
+                            } else {
+                                Duration::from_millis(100)
+                            }
+                        })
+                        .sum();
+                    self.cell.rec().played_digits.push(digits);
+                    if !self.sleep(d).await {
+                        return;
+                    }
+                }
             }
         }
         if !self.cell.has_redirect() {

@@ -36,9 +36,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use model::{
-    CallStatus, CallbackKind, CallbackRecord, ClearRecord, CloseSide, Direction, EndReason,
-    MarkRecord, RestLogEntry, SimCallRecord, SimError, SimEvent, SpeechSpan, StreamClose,
-    StreamRecord, WebhookRecord,
+    CallStatus, CallbackKind, CallbackRecord, ClearRecord, CloseSide, DIAL_TALK, DialRecord,
+    Direction, EndReason, MarkRecord, RestLogEntry, SimCallRecord, SimError, SimEvent, SpeechSpan,
+    StreamClose, StreamRecord, WebhookRecord,
 };
 pub use script::{CallerScript, Step};
 

@@ -264,7 +264,30 @@ pub struct SimCallRecord {
     pub unsupported_verbs: Vec<String>,
     pub errors: Vec<SimError>,
     pub streams: Vec<StreamRecord>,
+    /// The digits of each `<Play digits>` executed, in order.
+    pub played_digits: Vec<String>,
+    /// Each `<Dial>` executed (transfers).
+    pub dials: Vec<DialRecord>,
 }
+
+/// A `<Dial>` and how it went. Number conventions: ending in 0486 the target is busy, in
+/// 0487 it does not answer (rings out), in 0488 the dial fails; anything else answers and
+/// talks for [`DIAL_TALK`] before hanging up.
+#[derive(Debug, Clone, Default)]
+pub struct DialRecord {
+    pub number: String,
+    /// `DialCallStatus`: completed, busy, no-answer, failed.
+    pub status: String,
+    pub duration_secs: u64,
+    /// What the `<Number url>` TwiML said to the person answering (its `<Say>` texts).
+    pub whisper: Vec<String>,
+    pub action: Option<String>,
+    /// The `callerId` the target saw (`None`: the call's own caller ID).
+    pub caller_id: Option<String>,
+}
+
+/// How long an answered transfer target talks before hanging up.
+pub const DIAL_TALK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl SimCallRecord {
     /// The (only, in practice) media stream.

@@ -21,6 +21,21 @@ pub enum Verb {
     Stream(StreamSpec),
     /// A verb (or `<Connect>` noun) the simulator does not implement; skipped and recorded.
     Unsupported(String),
+    /// `<Play digits="…"/>`: DTMF tones played on the call (`w`/`W`: a half-second pause).
+    PlayDigits(String),
+    /// `<Dial>` with one `<Number>` (or the number as text).
+    Dial(DialSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DialSpec {
+    pub number: String,
+    pub action: Option<String>,
+    pub method: String,
+    pub timeout_secs: u64,
+    /// `<Number url>`: TwiML for the person answering, before the parties are joined.
+    pub whisper_url: Option<String>,
+    pub caller_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -92,6 +107,39 @@ fn verb(el: &Element) -> Result<Verb, TwimlError> {
             Verb::Pause { length_secs }
         }
         "Hangup" => Verb::Hangup,
+        "Dial" => {
+            let number_el = el.elements().find(|n| n.name == "Number");
+            let number = match number_el {
+                Some(n) => n.text().trim().to_owned(),
+                None => el.text().trim().to_owned(),
+            };
+            let timeout_secs = match el.attr("timeout") {
+                None => 30,
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| attr_err("Dial", "timeout", v))?,
+            };
+            Verb::Dial(DialSpec {
+                number,
+                action: el.attr("action").map(str::to_owned),
+                method: el.attr("method").unwrap_or("POST").to_owned(),
+                timeout_secs,
+                whisper_url: number_el.and_then(|n| n.attr("url")).map(str::to_owned),
+                caller_id: el.attr("callerId").map(str::to_owned),
+            })
+        }
+        "Play" if el.attr("digits").is_some() => {
+            let digits = el.attr("digits").unwrap_or_default().trim().to_owned();
+            if digits.is_empty()
+                || !digits
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'w' | 'W'))
+            {
+                return Err(attr_err("Play", "digits", &digits));
+            }
+            Verb::PlayDigits(digits)
+        }
         "Reject" => Verb::Reject {
             reason: el.attr("reason").unwrap_or("rejected").to_owned(),
         },
@@ -390,6 +438,35 @@ mod tests {
     /// not depend on the code it tests).
     const CONNECT_STREAM: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect><Stream url=\"wss://h.example/twilio/media?x=1&amp;y=&quot;2&quot;\"><Parameter name=\"token\" value=\"a&lt;b&gt;&amp;&apos;c&apos;\"/><Parameter name=\"call\" value=\"call_1\"/></Stream></Connect><Hangup/></Response>";
     const SAY_HANGUP: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>Sorry &amp; goodbye &lt;3</Say><Hangup/></Response>";
+
+    #[test]
+    fn reads_play_digits_and_dial_with_number_url() {
+        let x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Play digits=\"12w#\"/><Dial action=\"https://h/a?x=1&amp;y=2\" method=\"POST\" timeout=\"20\" answerOnBridge=\"true\" callerId=\"+14155550100\"><Number url=\"https://h/w\">+14155550900</Number></Dial></Response>";
+        assert_eq!(
+            parse(x).unwrap(),
+            vec![
+                Verb::PlayDigits("12w#".into()),
+                Verb::Dial(DialSpec {
+                    number: "+14155550900".into(),
+                    action: Some("https://h/a?x=1&y=2".into()),
+                    method: "POST".into(),
+                    timeout_secs: 20,
+                    whisper_url: Some("https://h/w".into()),
+                    caller_id: Some("+14155550100".into()),
+                })
+            ]
+        );
+        assert!(parse("<Response><Play digits=\"12x\"/></Response>").is_err());
+        assert_eq!(
+            parse("<Response><Dial>+14155550900</Dial></Response>").unwrap(),
+            vec![Verb::Dial(DialSpec {
+                number: "+14155550900".into(),
+                method: "POST".into(),
+                timeout_secs: 30,
+                ..Default::default()
+            })]
+        );
+    }
 
     #[test]
     fn reads_what_our_builder_writes() {

@@ -66,9 +66,10 @@ fn built_ins(transfer: bool) -> Vec<ToolSpec> {
     v
 }
 
-/// What a call offers the engine: the built-ins, then the tenant's tools.
-pub(crate) fn specs(stored: &[db::Tool]) -> Vec<ToolSpec> {
-    let mut specs = built_ins(false);
+/// What a call offers the engine: the built-ins (`transfer_call` only when the tenant has
+/// transfer numbers), then the tenant's tools.
+pub(crate) fn specs(stored: &[db::Tool], transfer: bool) -> Vec<ToolSpec> {
+    let mut specs = built_ins(transfer);
     specs.extend(stored.iter().map(|t| ToolSpec {
         name: t.name.clone(),
         description: t.definition.description.clone(),
@@ -95,7 +96,7 @@ impl Shared {
         };
         let cfg = self.config();
         let allow = cfg.server.allow_private_targets.clone();
-        let specs = specs(&stored);
+        let specs = specs(&stored, !tenant.transfer_numbers.is_empty());
         let party = match call.direction {
             Direction::Inbound => call.from.clone(),
             _ => call.to.clone(),

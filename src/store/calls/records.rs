@@ -43,6 +43,10 @@ pub struct Call {
     pub recording: Option<serde_json::Value>,
     #[serde(skip)]
     pub created_ms: i64,
+    /// A transfer: `{"to", "status", "duration_seconds"}` (status as the carrier reported
+    /// the dial: `completed`, `busy`, `no-answer`, `failed`, `canceled`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<serde_json::Value>,
 }
 
 /// Which calls a reader may see.
@@ -75,7 +79,7 @@ pub struct NewCall {
 
 pub(super) const COLUMNS: &str = "c.id, t.name, c.direction, c.to_number, c.from_number, c.status, c.engine, \
      c.twilio_call_sid, c.answered_by, c.created_at, c.started_at, c.ended_at, \
-     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers, c.recording \
+     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers, c.recording, c.transfer \
      FROM calls c JOIN tenants t ON t.id = c.tenant_id";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
@@ -118,6 +122,9 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
             .get::<_, Option<String>>(18)?
             .and_then(|l| serde_json::from_str(&l).ok()),
         created_ms,
+        transfer: r
+            .get::<_, Option<String>>(19)?
+            .and_then(|l| serde_json::from_str(&l).ok()),
     })
 }
 

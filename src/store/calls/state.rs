@@ -330,6 +330,15 @@ pub fn events(conn: &Connection, id: &str) -> Result<Vec<(i64, String, serde_jso
     Ok(out)
 }
 
+/// Records how a transfer of call `id` went (`{"to", "status", "duration_seconds"}`).
+pub fn set_transfer(conn: &Connection, id: &str, transfer: &serde_json::Value) -> Result<()> {
+    conn.execute(
+        "UPDATE calls SET transfer = ?1, updated_at = ?2 WHERE id = ?3",
+        params![transfer.to_string(), now_ms(), id],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,45 @@ pub fn hangup() -> String {
     format!("{HEADER}<Response><Hangup/></Response>")
 }
 
+/// `<Play digits>` (DTMF tones on the call), then a new `<Connect><Stream>`.
+pub fn play_digits_then_stream(digits: &str, url: &str, params: &[(&str, &str)]) -> String {
+    let stream = connect_stream(url, params);
+    let body = stream.strip_prefix(HEADER).unwrap_or(&stream);
+    let body = body.strip_prefix("<Response>").unwrap_or(body);
+    format!(
+        "{HEADER}<Response><Play digits=\"{}\"/>{body}",
+        escape(digits)
+    )
+}
+
+/// `<Dial action=…><Number url=…>` : join the call to `number`; Twilio requests `action`
+/// when the dial ends and continues with what it answers. `answerOnBridge`: the caller hears
+/// ringing until the target answers.
+pub fn dial(
+    number: &str,
+    action: &str,
+    whisper_url: Option<&str>,
+    timeout_secs: u32,
+    caller_id: Option<&str>,
+) -> String {
+    let caller = caller_id
+        .map(|c| format!(" callerId=\"{}\"", escape(c)))
+        .unwrap_or_default();
+    let url = whisper_url
+        .map(|u| format!(" url=\"{}\"", escape(u)))
+        .unwrap_or_default();
+    format!(
+        "{HEADER}<Response><Dial action=\"{}\" method=\"POST\" timeout=\"{timeout_secs}\" answerOnBridge=\"true\"{caller}><Number{url}>{}</Number></Dial></Response>",
+        escape(action),
+        escape(number)
+    )
+}
+
+/// A spoken message; the call goes on.
+pub fn say(text: &str) -> String {
+    format!("{HEADER}<Response><Say>{}</Say></Response>", escape(text))
+}
+
 /// The TwiML for a carrier-neutral [`Script`].
 pub fn render(script: &Script) -> String {
     match script {
@@ -47,6 +86,28 @@ pub fn render(script: &Script) -> String {
         Script::ConnectUrl { url } => connect_stream(url, &[]),
         Script::SayHangup(text) => say_hangup(text),
         Script::Hangup => hangup(),
+        Script::PlayDigitsThenStream {
+            digits,
+            url,
+            params,
+        } => {
+            let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            play_digits_then_stream(digits, url, &params)
+        }
+        Script::Dial {
+            number,
+            action,
+            whisper_url,
+            timeout_secs,
+            caller_id,
+        } => dial(
+            number,
+            action,
+            whisper_url.as_deref(),
+            *timeout_secs,
+            caller_id.as_deref(),
+        ),
+        Script::Say(text) => say(text),
     }
 }
 
@@ -82,5 +143,36 @@ mod tests {
         assert_eq!(render(&u), connect_stream("wss://uv/join", &[]));
         assert_eq!(render(&Script::SayHangup("Bye.")), say_hangup("Bye."));
         assert_eq!(render(&Script::Hangup), hangup());
+    }
+
+    #[test]
+    fn handover_scripts_escape_and_keep_the_stream_after_the_digits() {
+        let x = play_digits_then_stream("12w#", "wss://h/twilio/media", &[("token", "a&b")]);
+        assert!(
+            x.contains(
+                "<Response><Play digits=\"12w#\"/><Connect><Stream url=\"wss://h/twilio/media\">"
+            ),
+            "{x}"
+        );
+        assert!(
+            x.contains("value=\"a&amp;b\"") && x.ends_with("<Hangup/></Response>"),
+            "{x}"
+        );
+        let d = dial(
+            "+14155550100",
+            "https://h/a?x=1&y=2",
+            Some("https://h/w"),
+            20,
+            None,
+        );
+        assert!(d.contains("action=\"https://h/a?x=1&amp;y=2\""), "{d}");
+        assert!(
+            d.contains("<Number url=\"https://h/w\">+14155550100</Number>"),
+            "{d}"
+        );
+        assert_eq!(
+            say("a<b"),
+            format!("{HEADER}<Response><Say>a&lt;b</Say></Response>")
+        );
     }
 }
