@@ -2,9 +2,8 @@
 //! is ringing in (to one of our numbers): connect its media to us with a fresh single-use
 //! token and pre-warm the engine, connect it straight to Ultravox, or apologize and hang up.
 
+use crate::domain::ids::token_hash;
 use std::sync::Arc;
-
-use sha2::{Digest, Sha256};
 
 use super::setup::CallSetup;
 use super::shared::Shared;
@@ -18,11 +17,6 @@ use crate::telephony::{CarrierUpdate, InboundCall, Script};
 
 fn is_ultravox(engine: &str) -> bool {
     EngineKind::parse(engine) == Some(EngineKind::Ultravox)
-}
-
-/// The stream token is random; only its hash is stored, and it is consumed on first use.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 impl Shared {

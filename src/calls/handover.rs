@@ -3,10 +3,10 @@
 //! and a new one re-attaches to the same call record and the same engine session (parked in
 //! the call's [`super::session::Session`] in between), with a fresh single-use token.
 
-use super::answer::token_hash;
 use super::session::PendingTransfer;
 use super::shared::Shared;
 use crate::domain::CallStatus;
+use crate::domain::ids::token_hash;
 use crate::domain::ids::{CallId, random_token};
 use crate::store::calls::{self, Scope};
 use crate::telephony::Script;

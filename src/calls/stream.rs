@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use super::answer::token_hash;
 use super::setup::CallSetup;
 use super::shared::Shared;
+use crate::domain::ids::token_hash;
 use crate::media::bridge::{Bridge, BridgeContext};
 use crate::media::leg::{Leg, Refusal};
 use crate::store::callpath;

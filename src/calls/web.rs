@@ -6,10 +6,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::CallError;
-use super::answer::token_hash;
 use super::shared::Shared;
 use crate::domain::Direction;
 use crate::domain::ids::random_token;
+use crate::domain::ids::token_hash;
 use crate::store::calls::{self, Call, Scope};
 use crate::store::webcalls::{self, WebCall};
 use crate::telephony::StreamStart;

@@ -58,6 +58,14 @@ typed_id!(CallId, "call_", 20);
 typed_id!(KeyId, "", 12);
 typed_id!(CampaignId, "cmp_", 16);
 
+/// A media stream token is random; only this hash of it is stored, and it is consumed on first
+/// use. Here (not in `calls::answer`) because answering, handovers and browser calls all mint
+/// stream tokens.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
