@@ -195,8 +195,10 @@ impl Shared {
 
     /// Connect the call's media stream to us with its single-use token (stored), and
     /// pre-warm its engine.
-    fn connect_stream(self: &Arc<Self>, id: &str, token: String, setup: CallSetup) -> Script {
-        self.prewarm(id, Some(setup));
+    fn connect_stream(self: &Arc<Self>, id: &str, token: String, _setup: CallSetup) -> Script {
+        // Re-read through `call_setup`: it adds the tenant's tools, which a pre-warmed
+        // Realtime session must announce in its first session.update.
+        self.prewarm(id, None);
         Script::ConnectStream {
             url: self.config().media_url(),
             params: vec![("call_id", id.to_owned()), ("token", token)],

@@ -8,6 +8,7 @@ mod campaigns;
 mod cli;
 mod dashboard;
 mod e2e;
+mod engine_tools;
 mod engines;
 mod fakes_selftest;
 mod handover;

@@ -101,6 +101,18 @@ pub struct RealtimeOpts {
     pub response_latency_ms: u64,
     /// Transcript of the first response asked for with `response.create`.
     pub greeting_text: String,
+    /// When set, the model answers one caller turn with a function call instead of audio.
+    pub function_call: Option<FunctionCallOpts>,
+}
+
+/// A function call the fake model makes, as the real service streams it.
+#[derive(Debug, Clone)]
+pub struct FunctionCallOpts {
+    /// The caller turn (1-based) answered with the call.
+    pub on_turn: usize,
+    pub name: String,
+    /// JSON text of the arguments (streamed in a few deltas).
+    pub arguments: String,
 }
 
 impl Default for RealtimeOpts {
@@ -116,6 +128,7 @@ impl Default for RealtimeOpts {
             chunk_interval_ms: 25,
             response_latency_ms: 30,
             greeting_text: "Hello from the fake realtime".into(),
+            function_call: None,
         }
     }
 }
@@ -162,6 +175,10 @@ pub struct Session {
     pub items: Vec<AgentItem>,
     pub truncations: Vec<Truncation>,
     pub truncate_rejections: Vec<TruncateRejection>,
+    /// Function calls made: (call_id, name, arguments).
+    pub function_calls: Vec<(String, String, String)>,
+    /// `function_call_output` items received, as sent.
+    pub function_outputs: Vec<Value>,
 }
 
 impl Session {
@@ -491,6 +508,8 @@ async fn upgrade(
             items: Vec::new(),
             truncations: Vec::new(),
             truncate_rejections: Vec::new(),
+            function_calls: Vec::new(),
+            function_outputs: Vec::new(),
         });
         index
     });
@@ -1378,6 +1397,15 @@ impl Conn {
         }
         self.send(done).await?;
         let create = self.turn_detection()["create_response"] != json!(false);
+        let call = self
+            .sh
+            .opts
+            .function_call
+            .clone()
+            .filter(|f| f.on_turn == turn_no);
+        if let Some(f) = call.filter(|_| create && self.active.is_none()) {
+            return self.function_call_response(f).await;
+        }
         if create && self.active.is_none() {
             let text = format!("Fake realtime reply {}.", self.responses + 1);
             self.start_response(self.sh.opts.reply_ms, text).await?;
@@ -1427,10 +1455,76 @@ impl Conn {
             Some(id) => id.to_owned(),
             None => self.new_id("item"),
         };
+        if item["type"] == "function_call_output" {
+            let known = item["call_id"].as_str().is_some_and(|c| {
+                self.record(|s| s.function_calls.iter().any(|(id, _, _)| id == c))
+            });
+            if !known {
+                self.record(|s| {
+                    s.violations
+                        .push(format!("function_call_output for an unknown call: {item}"))
+                });
+            }
+            let got = item.clone();
+            self.record(|s| s.function_outputs.push(got));
+        }
         item["id"] = json!(id);
         item["object"] = json!("realtime.item");
         item["status"] = json!("completed");
         self.announce_item(item, true).await
+    }
+
+    /// A response whose only output is a function call, streamed like the real service:
+    /// the item, the argument deltas, `.done`, then `response.done` (no audio).
+    async fn function_call_response(&mut self, f: FunctionCallOpts) -> Result<(), Stop> {
+        self.responses += 1;
+        let rid = self.new_id("resp");
+        let item_id = self.new_id("item");
+        let call_id = self.new_id("call");
+        self.record(|s| {
+            s.function_calls
+                .push((call_id.clone(), f.name.clone(), f.arguments.clone()))
+        });
+        self.send(json!({"type": "response.created", "response": {
+            "id": rid, "object": "realtime.response", "status": "in_progress",
+            "status_details": null, "output": [], "usage": null}}))
+            .await?;
+        let item = json!({"id": item_id, "object": "realtime.item", "type": "function_call",
+            "status": "in_progress", "name": f.name, "call_id": call_id, "arguments": ""});
+        self.send(
+            json!({"type": "response.output_item.added", "response_id": rid,
+            "output_index": 0, "item": item.clone()}),
+        )
+        .await?;
+        self.announce_item(item, false).await?;
+        let chars: Vec<char> = f.arguments.chars().collect();
+        for part in chars.chunks(8) {
+            let delta: String = part.iter().collect();
+            self.send(json!({"type": "response.function_call_arguments.delta",
+                "response_id": rid, "item_id": item_id, "output_index": 0,
+                "call_id": call_id, "delta": delta}))
+                .await?;
+        }
+        self.send(json!({"type": "response.function_call_arguments.done",
+            "response_id": rid, "item_id": item_id, "output_index": 0,
+            "call_id": call_id, "name": f.name, "arguments": f.arguments}))
+            .await?;
+        let done = json!({"id": item_id, "object": "realtime.item", "type": "function_call",
+            "status": "completed", "name": f.name, "call_id": call_id, "arguments": f.arguments});
+        self.send(
+            json!({"type": "response.output_item.done", "response_id": rid,
+            "output_index": 0, "item": done.clone()}),
+        )
+        .await?;
+        if self.mode == Mode::Ga {
+            self.send(json!({"type": "conversation.item.done", "previous_item_id": null, "item": done.clone()}))
+                .await?;
+        }
+        self.send(json!({"type": "response.done", "response": {
+            "id": rid, "object": "realtime.response", "status": "completed",
+            "status_details": null, "output": [done],
+            "usage": {"total_tokens": 60, "input_tokens": 40, "output_tokens": 20}}}))
+            .await
     }
 
     async fn start_response(&mut self, ms: u64, text: String) -> Result<(), Stop> {
