@@ -266,7 +266,14 @@ impl<L: Leg> Bridge<L> {
                         {
                             break (HANDOVER, None)
                         }
-                        LegEvent::Closed => break ("caller_hangup", None),
+                        LegEvent::Closed => match b.leg.gone_reason() {
+                            // The phone side did not hang up; it went away (a browser).
+                            Some(r) => {
+                                note_end_reason(&b.cx.store, &b.cx.call_id, r).await;
+                                break (r, None);
+                            }
+                            None => break ("caller_hangup", None),
+                        },
                         LegEvent::Failed => break ("stream_error", None),
                         LegEvent::Ignored => {}
                     }

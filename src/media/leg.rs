@@ -47,4 +47,9 @@ pub trait Leg: Send {
     fn close(&mut self) -> impl Future<Output = ()> + Send;
     /// Ends a stream that will not be bridged.
     fn refuse(&mut self, why: Refusal) -> impl Future<Output = ()> + Send;
+    /// After [`LegEvent::Closed`]: the end reason when it was not a plain hang-up (a browser
+    /// that vanished is `peer_timeout`, not the caller hanging up).
+    fn gone_reason(&self) -> Option<&'static str> {
+        None
+    }
 }

@@ -12,6 +12,8 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use voicectl::audio::opus;
 
+use test_fakes::realtime::{FakeRealtime, RealtimeOpts};
+
 use crate::support::{Install, Server};
 
 const EXTRA: &str = "[agent]\nengine = \"scripted\"\n\n[webrtc]\nudp_port = 0\npublic_ip = \"127.0.0.1\"\nmax_calls = 2\n";
@@ -31,6 +33,9 @@ struct Peer {
     rtc: Rtc,
     socket: UdpSocket,
     addr: SocketAddr,
+    mid: Option<str0m::media::Mid>,
+    /// The next RTP timestamp the caller sends (48 kHz ticks).
+    rtp: u64,
 }
 
 async fn peer() -> (Peer, String, str0m::change::SdpPendingOffer) {
@@ -43,7 +48,17 @@ async fn peer() -> (Peer, String, str0m::change::SdpPendingOffer) {
     let mut api = rtc.sdp_api();
     api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
     let (offer, pending) = api.apply().unwrap();
-    (Peer { rtc, socket, addr }, offer.to_sdp_string(), pending)
+    (
+        Peer {
+            rtc,
+            socket,
+            addr,
+            mid: None,
+            rtp: 0,
+        },
+        offer.to_sdp_string(),
+        pending,
+    )
 }
 
 async fn post_offer(
@@ -74,6 +89,99 @@ async fn get_json(server: &Server, key: &str, path: &str) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// Runs the client peer until `want_loud` frames of agent audio were heard or `deadline`: once
+/// connected the caller speaks (a 300 Hz tone, 20 ms at a time). Returns when the first loud
+/// frame arrived (after `since`) and how many did.
+async fn converse(
+    p: &mut Peer,
+    since: Instant,
+    deadline: Instant,
+    want_loud: usize,
+) -> (Option<Duration>, usize) {
+    let mut enc = opus::Encoder::new().unwrap();
+    let mut dec = opus::Decoder::new().unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut first_audio = None;
+    let mut loud_frames = 0;
+    let mut next_send = Instant::now();
+    let mut packet = Vec::new();
+    while Instant::now() < deadline && loud_frames < want_loud {
+        let timeout = loop {
+            match p.rtc.poll_output().unwrap() {
+                Output::Timeout(t) => break t,
+                Output::Transmit(t) => {
+                    p.socket.send_to(&t.contents, t.destination).await.unwrap();
+                }
+                Output::Event(Event::MediaAdded(m)) => p.mid = Some(m.mid),
+                Output::Event(Event::MediaData(d)) => {
+                    let pcm = dec.decode(&d.data).unwrap();
+                    let level = pcm.iter().map(|s| s.unsigned_abs() as u64).sum::<u64>()
+                        / pcm.len().max(1) as u64;
+                    if level > 100 {
+                        first_audio.get_or_insert(since.elapsed());
+                        loud_frames += 1;
+                    }
+                }
+                Output::Event(_) => {}
+            }
+        };
+        let now = Instant::now();
+        if p.rtc.is_connected()
+            && now >= next_send
+            && let Some(m) = p.mid
+        {
+            let pcm: Vec<i16> = (0..opus::FRAME_SAMPLES)
+                .map(|i| {
+                    let t = (p.rtp / 6 + i as u64) as f64 / 8000.0;
+                    (6000.0 * (2.0 * std::f64::consts::PI * 300.0 * t).sin()) as i16
+                })
+                .collect();
+            enc.encode(&pcm, &mut packet).unwrap();
+            let w = p.rtc.writer(m).unwrap();
+            let pt = w.payload_params().next().unwrap().pt();
+            w.write(
+                pt,
+                now,
+                MediaTime::new(p.rtp, Frequency::FORTY_EIGHT_KHZ),
+                packet.clone(),
+            )
+            .unwrap();
+            p.rtp += opus::FRAME_TICKS;
+            next_send += Duration::from_millis(20);
+            continue;
+        }
+        let wait = timeout
+            .min(next_send.max(now + Duration::from_millis(1)))
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        let input = match tokio::time::timeout(wait, p.socket.recv_from(&mut buf)).await {
+            Ok(Ok((n, from))) => Input::Receive(
+                Instant::now(),
+                Receive {
+                    proto: Protocol::Udp,
+                    source: from,
+                    destination: p.addr,
+                    contents: buf[..n].try_into().unwrap(),
+                },
+            ),
+            _ => Input::Timeout(Instant::now()),
+        };
+        p.rtc.handle_input(input).unwrap();
+    }
+    (first_audio, loud_frames)
+}
+
+async fn wait_status(server: &Server, key: &str, id: &str, want: &str, within: Duration) -> Value {
+    let until = Instant::now() + within;
+    loop {
+        let call = get_json(server, key, &format!("/api/v1/calls/{id}")).await;
+        if call["status"] == want || Instant::now() > until {
+            return call;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -107,81 +215,9 @@ async fn a_simulated_browser_talks_to_the_agent() {
         .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
         .unwrap();
 
-    let mut enc = opus::Encoder::new().unwrap();
-    let mut dec = opus::Decoder::new().unwrap();
-    let mut mid = None;
-    let mut buf = vec![0u8; 2048];
     let answered = Instant::now();
-    let mut first_audio = None;
-    let mut loud_frames = 0;
-    let mut next_send = Instant::now();
-    let mut rtp = 0u64;
-    let mut packet = Vec::new();
-    let deadline = answered + Duration::from_secs(8);
-    while Instant::now() < deadline && loud_frames < 25 {
-        let timeout = loop {
-            match p.rtc.poll_output().unwrap() {
-                Output::Timeout(t) => break t,
-                Output::Transmit(t) => {
-                    p.socket.send_to(&t.contents, t.destination).await.unwrap();
-                }
-                Output::Event(Event::MediaAdded(m)) => mid = Some(m.mid),
-                Output::Event(Event::MediaData(d)) => {
-                    let pcm = dec.decode(&d.data).unwrap();
-                    let level = pcm.iter().map(|s| s.unsigned_abs() as u64).sum::<u64>()
-                        / pcm.len().max(1) as u64;
-                    if level > 100 {
-                        first_audio.get_or_insert(answered.elapsed());
-                        loud_frames += 1;
-                    }
-                }
-                Output::Event(_) => {}
-            }
-        };
-        let now = Instant::now();
-        // The caller speaks: a 300 Hz tone, 20 ms at a time.
-        if p.rtc.is_connected()
-            && now >= next_send
-            && let Some(m) = mid
-        {
-            let pcm: Vec<i16> = (0..opus::FRAME_SAMPLES)
-                .map(|i| {
-                    let t = (rtp / 6 + i as u64) as f64 / 8000.0;
-                    (6000.0 * (2.0 * std::f64::consts::PI * 300.0 * t).sin()) as i16
-                })
-                .collect();
-            enc.encode(&pcm, &mut packet).unwrap();
-            let w = p.rtc.writer(m).unwrap();
-            let pt = w.payload_params().next().unwrap().pt();
-            w.write(
-                pt,
-                now,
-                MediaTime::new(rtp, Frequency::FORTY_EIGHT_KHZ),
-                packet.clone(),
-            )
-            .unwrap();
-            rtp += opus::FRAME_TICKS;
-            next_send += Duration::from_millis(20);
-            continue;
-        }
-        let wait = timeout
-            .min(next_send.max(now + Duration::from_millis(1)))
-            .saturating_duration_since(now)
-            .max(Duration::from_millis(1));
-        let input = match tokio::time::timeout(wait, p.socket.recv_from(&mut buf)).await {
-            Ok(Ok((n, from))) => Input::Receive(
-                Instant::now(),
-                Receive {
-                    proto: Protocol::Udp,
-                    source: from,
-                    destination: p.addr,
-                    contents: buf[..n].try_into().unwrap(),
-                },
-            ),
-            _ => Input::Timeout(Instant::now()),
-        };
-        p.rtc.handle_input(input).unwrap();
-    }
+    let (first_audio, loud_frames) =
+        converse(&mut p, answered, answered + Duration::from_secs(8), 25).await;
     let first = first_audio.expect("agent audio reached the browser");
     eprintln!("agent audio at the browser {first:?} after the answer");
     assert!(loud_frames >= 25, "{loud_frames} frames of agent audio");
@@ -197,15 +233,9 @@ async fn a_simulated_browser_talks_to_the_agent() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let until = Instant::now() + Duration::from_secs(5);
-    let mut status = Value::Null;
-    while Instant::now() < until {
-        status = get_json(&server, &key, &format!("/api/v1/calls/{id}")).await["status"].clone();
-        if status == "completed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status =
+        wait_status(&server, &key, &id, "completed", Duration::from_secs(5)).await["status"]
+            .clone();
     assert_eq!(status, "completed");
     let t = get_json(&server, &key, &format!("/api/v1/calls/{id}/transcript")).await;
     assert!(
@@ -252,4 +282,54 @@ async fn another_tenants_web_call_is_404() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+}
+
+/// A browser that vanishes (the tab closed, the laptop lid shut: no packets, no goodbye) ends
+/// its call `completed` with the reason `peer_timeout` once `peer_timeout` has passed, and the
+/// engine session is closed, not left running.
+#[tokio::test]
+async fn a_browser_that_vanishes_ends_the_call_and_its_engine_session() {
+    let rt = FakeRealtime::start(RealtimeOpts {
+        greeting_ms: 400,
+        reply_ms: 400,
+        ..Default::default()
+    })
+    .await;
+    let install = Install::with_extra(&format!(
+        "[agent]\nengine = \"openai-realtime\"\n\n[openai]\nrealtime_url = {:?}\napi_key = {:?}\n\n\
+         [webrtc]\nudp_port = 0\npublic_ip = \"127.0.0.1\"\npeer_timeout = \"1s\"\n",
+        rt.url(),
+        rt.opts().api_key
+    ));
+    install.init();
+    install.ok(&["tenant", "add", "acme"]);
+    let k = install.json(&["key", "create", "--tenant", "acme"]);
+    let key = k["key"].as_str().unwrap().to_owned();
+    let server = Server::start(&install);
+
+    let (mut p, offer, pending) = peer().await;
+    let (st, headers, answer) = post_offer(&server, &key, &offer).await;
+    assert_eq!(st, 201, "{answer}");
+    let id = headers["location"]
+        .to_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    p.rtc
+        .sdp_api()
+        .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+        .unwrap();
+    let now = Instant::now();
+    let (first, _) = converse(&mut p, now, now + Duration::from_secs(8), 5).await;
+    assert!(first.is_some(), "the greeting reached the browser");
+    rt.wait_session(0, Duration::from_secs(2)).await;
+    assert_eq!(rt.open_sessions(), 1);
+    // The browser vanishes.
+    drop(p);
+    let call = wait_status(&server, &key, &id, "completed", Duration::from_secs(6)).await;
+    assert_eq!(call["status"], "completed", "{call}");
+    assert_eq!(call["end_reason"], "peer_timeout", "{call}");
+    rt.wait_all_closed(Duration::from_secs(3)).await;
 }

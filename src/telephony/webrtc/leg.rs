@@ -55,11 +55,6 @@ impl WebLeg {
         })
     }
 
-    /// Why the browser went away, if it did (`peer_timeout`, `peer_disconnected`, ...).
-    pub fn gone_reason(&self) -> Option<&'static str> {
-        self.gone
-    }
-
     fn encode_pending(&mut self, pad: bool) -> Result<(), String> {
         if pad && !self.pending.is_empty() {
             let whole = self.pending.len().div_ceil(FRAME_SAMPLES) * FRAME_SAMPLES;
@@ -156,6 +151,11 @@ impl Leg for WebLeg {
 
     async fn refuse(&mut self, _why: Refusal) {
         self.close().await;
+    }
+
+    /// Why the browser went away, if it did (`peer_timeout`, `peer_disconnected`, ...).
+    fn gone_reason(&self) -> Option<&'static str> {
+        self.gone
     }
 }
 
