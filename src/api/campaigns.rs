@@ -16,14 +16,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{Json, Path, Query};
+use super::tenant_arg::{check_tenant_field, tenant_of};
 use super::{ApiError, AppState, Auth};
 use crate::calls::campaigns::{CreateCampaignRequest, ImportReport, Upload};
 use crate::domain::campaign::{CampaignStatus, RecipientState};
 use crate::domain::phone::E164;
 use crate::http::openapi::Errors;
-use crate::store::calls::Scope;
 use crate::store::campaigns::{self as db, Campaign, Recipient};
-use crate::store::tenants;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -66,16 +65,6 @@ struct DncList {
 struct DncAdded {
     /// Numbers that were not on the list before.
     added: usize,
-}
-
-fn check_tenant_field(auth: &Auth, tenant: &Option<String>) -> Result<(), ApiError> {
-    if tenant.is_some() && !auth.is_admin() {
-        return Err(ApiError::bad_request(
-            "tenant",
-            "only the admin key may name a tenant",
-        ));
-    }
-    Ok(())
 }
 
 /// Creates a campaign (SPEC §7); recipients are uploaded next.
@@ -380,30 +369,6 @@ struct TenantParam {
     tenant: Option<String>,
 }
 
-/// The tenant a DNC request is about: the key's own, or the one an admin names (or the only one).
-async fn dnc_tenant(s: &AppState, auth: &Auth, name: Option<String>) -> Result<i64, ApiError> {
-    check_tenant_field(auth, &name)?;
-    let scope = auth.scope();
-    s.store()
-        .read(move |c| {
-            Ok(match (scope, name) {
-                (Scope::Tenant(id), _) => Ok(id),
-                (Scope::All, Some(n)) => Ok(tenants::get(c, &n)?.id),
-                (Scope::All, None) => {
-                    let all = tenants::list(c)?;
-                    match all.as_slice() {
-                        [only] => Ok(only.id),
-                        _ => Err(ApiError::bad_request(
-                            "tenant",
-                            "required with the admin key (name the tenant)",
-                        )),
-                    }
-                }
-            })
-        })
-        .await?
-}
-
 /// The tenant's do-not-call list.
 #[utoipa::path(get, path = "/dnc", tag = "campaigns", params(TenantParam),
     responses((status = 200, body = DncList), Errors))]
@@ -412,7 +377,7 @@ async fn dnc_list(
     auth: Auth,
     Query(p): Query<TenantParam>,
 ) -> Result<Json<DncList>, ApiError> {
-    let t = dnc_tenant(&s, &auth, p.tenant).await?;
+    let t = tenant_of(&s, &auth, p.tenant).await?;
     let numbers = s.store().read(move |c| db::dnc_list(c, t)).await?;
     Ok(Json(DncList { numbers }))
 }
@@ -441,7 +406,7 @@ async fn dnc_add(
     for n in &b.numbers {
         E164::parse(n).map_err(|e| ApiError::bad_request("numbers", e))?;
     }
-    let t = dnc_tenant(&s, &auth, b.tenant).await?;
+    let t = tenant_of(&s, &auth, b.tenant).await?;
     let numbers = b.numbers;
     let added = s.store().run(move |c| db::dnc_add(c, t, &numbers)).await?;
     Ok(Json(DncAdded { added }))
@@ -458,7 +423,7 @@ async fn dnc_remove(
     Query(p): Query<TenantParam>,
 ) -> Result<StatusCode, ApiError> {
     E164::parse(&number).map_err(|e| ApiError::bad_request("number", e))?;
-    let t = dnc_tenant(&s, &auth, p.tenant).await?;
+    let t = tenant_of(&s, &auth, p.tenant).await?;
     s.store()
         .run(move |c| db::dnc_remove(c, t, &number))
         .await?;

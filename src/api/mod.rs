@@ -9,6 +9,7 @@ mod health;
 mod ops;
 mod recording;
 pub mod status;
+mod tenant_arg;
 mod tenants;
 mod tools;
 mod twilio;

@@ -10,11 +10,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{Json, Path, Query};
+use super::tenant_arg::tenant_of;
 use super::{ApiError, AppState, Auth};
 use crate::domain::tool::{ToolDefinition, validate_name};
 use crate::http::openapi::Errors;
-use crate::store::calls::Scope;
-use crate::store::tenants;
 use crate::store::tools::{self as db, Tool};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -34,32 +33,6 @@ struct TenantParam {
 #[derive(Serialize, ToSchema)]
 struct ToolList {
     tools: Vec<Tool>,
-}
-
-/// The tenant a request is about: the key's own, or the one the admin names (or the only one).
-async fn tenant_of(s: &AppState, auth: &Auth, name: Option<String>) -> Result<i64, ApiError> {
-    if name.is_some() && !auth.is_admin() {
-        return Err(ApiError::bad_request(
-            "tenant",
-            "only the admin key may name a tenant",
-        ));
-    }
-    let scope = auth.scope();
-    s.store()
-        .read(move |c| {
-            Ok(match (scope, name) {
-                (Scope::Tenant(id), _) => Ok(id),
-                (Scope::All, Some(n)) => Ok(tenants::get(c, &n)?.id),
-                (Scope::All, None) => match tenants::list(c)?.as_slice() {
-                    [only] => Ok(only.id),
-                    _ => Err(ApiError::bad_request(
-                        "tenant",
-                        "required with the admin key (add ?tenant=NAME)",
-                    )),
-                },
-            })
-        })
-        .await?
 }
 
 /// The tenant's tools.
