@@ -107,12 +107,21 @@ impl Shared {
     /// finished call alone).
     pub async fn machine_answered(&self, id: &str, answered_by: &str) {
         let rid = id.to_owned();
-        let action = match self
+        let found = self
             .store
-            .run(move |c| calls::machine_action(c, &rid))
-            .await
-        {
-            Ok(a) => a,
+            .run(move |c| {
+                let action = calls::machine_action(c, &rid)?;
+                let stored = calls::get(c, Scope::All, &rid)?.answered_by;
+                Ok((action, stored))
+            })
+            .await;
+        let action = match found {
+            // The caller already proved to be a person (SPEC §8): the report is only noted.
+            Ok((_, Some(stored))) if stored == "human" => {
+                tracing::info!(call_id = %id, answered_by, "detection disagrees with a person on the line; ignored");
+                return;
+            }
+            Ok((a, _)) => a,
             Err(e) => {
                 tracing::error!(call_id = %id, error = %e, "cannot read the machine action");
                 return;

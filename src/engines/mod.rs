@@ -214,6 +214,20 @@ impl Engine {
         }
     }
 
+    /// The caller said something without speaking (keypad digits: "The caller pressed 1 2 #"):
+    /// it joins the conversation as the caller's turn and the agent answers it.
+    pub async fn caller_text(&mut self, text: &str) -> Result<(), EngineError> {
+        match self {
+            Engine::Scripted(e) => {
+                e.caller_text(text);
+                Ok(())
+            }
+            Engine::OpenAi(e) => e.caller_text(text).await,
+            Engine::UltravoxWs(e) => e.caller_text(text).await,
+            Engine::Pipeline(e) => e.caller_text(text).await,
+        }
+    }
+
     /// The next thing the engine has for the bridge. Cancel-safe: nothing is lost when the
     /// future is dropped by a `select!`.
     pub async fn next_event(&mut self) -> Result<EngineEvent, EngineError> {

@@ -205,6 +205,19 @@ impl RealtimeEngine {
         .await
     }
 
+    /// A caller turn as text (keypad): a user message, then a response to it. Should a
+    /// response still be running, the service refuses the `response.create` (a recoverable
+    /// error) and the message is answered with the next turn instead.
+    pub async fn caller_text(&mut self, text: &str) -> Result<(), EngineError> {
+        self.send_json(&json!({
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": text}]},
+        }))
+        .await?;
+        self.send_json(&json!({"type": "response.create"})).await
+    }
+
     /// Forwards a caller frame as received.
     pub async fn caller_audio(&mut self, payload_b64: &str) -> Result<(), EngineError> {
         if !is_base64(payload_b64) {

@@ -109,6 +109,13 @@ impl ScriptedEngine {
         }
     }
 
+    /// A caller turn given as text (keypad): answered like a spoken one.
+    pub fn caller_text(&mut self, text: &str) {
+        self.out.push_back(EngineEvent::CallerSpeechStopped);
+        tracing::debug!(text, "caller text");
+        self.reply();
+    }
+
     fn reply(&mut self) {
         if self.done {
             return;

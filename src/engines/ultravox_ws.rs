@@ -122,6 +122,12 @@ impl UltravoxWsEngine {
         .await
     }
 
+    /// A caller turn as text (keypad): Ultravox's `user_text_message`.
+    pub async fn caller_text(&mut self, text: &str) -> Result<(), EngineError> {
+        self.send_data(json!({"type": "user_text_message", "text": text}))
+            .await
+    }
+
     /// One Twilio frame (base64 μ-law) → one binary frame of PCM s16le at 8 kHz.
     pub async fn caller_audio(&mut self, payload_b64: &str) -> Result<(), EngineError> {
         self.mulaw.clear();

@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::keypad::Keypad;
 use super::leg::{Leg, LegEvent};
 use super::playback::Playback;
 use super::recorder::Recorder;
@@ -38,6 +39,8 @@ const NO_MEDIA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Transcript lines are written in batches: this many, or at this interval, or at the end.
 const TRANSCRIPT_BATCH: usize = 16;
 const TRANSCRIPT_FLUSH: Duration = Duration::from_secs(2);
+/// A caller line of this many words answering the agent is a sentence: a person speaks.
+const SENTENCE_WORDS: usize = 3;
 /// After the goodbye of a governor, the call ends even if playback is never confirmed.
 const GOODBYE_GRACE: Duration = Duration::from_secs(8);
 /// The outcome reason of a stream that closed for a handover.
@@ -175,6 +178,11 @@ pub struct Bridge<L: Leg> {
     frames_out: u64,
     /// Boxed: a call without recording carries one pointer, not the tap's buffers.
     recorder: Option<Box<Recorder>>,
+    keypad: Keypad,
+    /// The caller's current turn began after the agent had spoken and gone quiet.
+    answering: bool,
+    /// The caller is known to be a person (recorded once).
+    person: bool,
 }
 
 impl<L: Leg> Bridge<L> {
@@ -212,6 +220,9 @@ impl<L: Leg> Bridge<L> {
             frames_in: 0,
             frames_out: 0,
             recorder,
+            keypad: Keypad::default(),
+            answering: false,
+            person: false,
         };
         let mut engine = match engine {
             Ok(e) => e,
@@ -258,7 +269,15 @@ impl<L: Leg> Bridge<L> {
                                 b.quiet_since = b.quiet_since.max(now);
                             }
                         }
-                        LegEvent::Dtmf(digit) => tracing::info!(digit = %digit, "dtmf"),
+                        LegEvent::Dtmf(key) => {
+                            let now = Instant::now();
+                            b.quiet_since = now;
+                            if let Some(keys) = b.keypad.press(&key, now)
+                                && let Err(e) = b.on_keypad(&mut engine, keys).await
+                            {
+                                break ("engine_error", Some(e));
+                            }
+                        }
                         // The carrier drops the socket (with or without `stop`) when it
                         // moves the call elsewhere.
                         LegEvent::Closed | LegEvent::Failed
@@ -332,6 +351,11 @@ impl<L: Leg> Bridge<L> {
                             Silence::Closing => {}
                         }
                     }
+                    if let Some(keys) = b.keypad.due(now)
+                        && let Err(e) = b.on_keypad(&mut engine, keys).await
+                    {
+                        break ("engine_error", Some(e));
+                    }
                     if now.duration_since(b.last_flush) >= TRANSCRIPT_FLUSH {
                         b.flush_transcript().await;
                         b.flush_frame_counts();
@@ -370,6 +394,79 @@ impl<L: Leg> Bridge<L> {
         self.hangup = Some((reason, Instant::now() + GOODBYE_GRACE));
     }
 
+    /// The caller takes the floor (speech or keys): the phone's queue is cleared at once and
+    /// the engine learns how much of the interrupted utterance was heard.
+    async fn barge_in(&mut self, engine: &mut Engine) -> Result<(), String> {
+        let heard = Instant::now();
+        self.silence = Silence::Listening;
+        if self.playback.pending() && self.hangup.is_none() {
+            self.leg.clear().await?;
+            self.latency.barge_in_ms.push(ms_since(heard));
+            let now = Instant::now();
+            if let Some(r) = &mut self.recorder {
+                r.cleared(self.playback.unplayed(now));
+            }
+            if let Some((item, played)) = self.playback.cleared(now) {
+                tracing::info!(item = %item, played_ms = played / 8, "barge-in");
+                self.dropped_items.insert(item.clone());
+                if let Some(l) = &self.cx.tools {
+                    l.barge_ins.send_modify(|n| *n += 1);
+                }
+                engine
+                    .interrupted(&item, played / 8)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A transcript line: to the call's followers now, to the store with the next batch.
+    fn transcript_line(&mut self, speaker: Speaker, text: String) {
+        let at_ms = self.started.elapsed().as_millis() as i64;
+        let _ = self.cx.events.send(CallEvent::Transcript {
+            speaker: speaker.as_str(),
+            text: text.clone(),
+            at_ms,
+        });
+        self.transcript.push(TranscriptEntry {
+            speaker: speaker.as_str(),
+            text,
+            at_ms,
+        });
+    }
+
+    /// The caller pressed a key or answered the agent in a sentence: a person, whatever
+    /// answering-machine detection reports later (SPEC §8).
+    async fn confirm_person(&mut self) {
+        if std::mem::replace(&mut self.person, true) {
+            return;
+        }
+        let id = self.cx.call_id.to_string();
+        if let Err(e) = self
+            .cx
+            .store
+            .run(move |c| calls::confirm_person(c, &id))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record that a person answered");
+        }
+    }
+
+    /// A keypad entry is complete: the caller's `[keypad]` line, and the engine answers it.
+    async fn on_keypad(&mut self, engine: &mut Engine, keys: String) -> Result<(), String> {
+        self.barge_in(engine).await?;
+        let now = Instant::now();
+        self.quiet_since = now;
+        self.latency.turn_from = Some(now);
+        self.transcript_line(Speaker::Caller, super::keypad::transcript_line(&keys));
+        self.confirm_person().await;
+        engine
+            .caller_text(&super::keypad::engine_text(&keys))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn on_engine_event(
         &mut self,
         engine: &mut Engine,
@@ -400,45 +497,24 @@ impl<L: Leg> Bridge<L> {
                 self.frames_out += 1;
             }
             EngineEvent::Transcript { speaker, text } => {
-                let at_ms = self.started.elapsed().as_millis() as i64;
-                let _ = self.cx.events.send(CallEvent::Transcript {
-                    speaker: speaker.as_str(),
-                    text: text.clone(),
-                    at_ms,
-                });
-                self.transcript.push(TranscriptEntry {
-                    speaker: speaker.as_str(),
-                    text,
-                    at_ms,
-                });
+                if speaker == Speaker::Caller
+                    && self.answering
+                    && text.split_whitespace().count() >= SENTENCE_WORDS
+                {
+                    self.confirm_person().await;
+                }
+                self.transcript_line(speaker, text);
                 if speaker == Speaker::Caller && self.transcript.len() >= TRANSCRIPT_BATCH {
                     self.flush_transcript().await;
                 }
             }
             EngineEvent::CallerSpeechStarted => {
-                let heard = Instant::now();
+                // Speech that starts once the agent has spoken and fallen silent answers it;
+                // a machine's greeting starts at once, over ours.
+                self.answering = self.frames_out > 0 && !self.playback.pending();
                 self.caller_speaking = true;
                 self.latency.turn_from = None;
-                self.silence = Silence::Listening;
-                if self.playback.pending() && self.hangup.is_none() {
-                    self.leg.clear().await?;
-                    self.latency.barge_in_ms.push(ms_since(heard));
-                    let now = Instant::now();
-                    if let Some(r) = &mut self.recorder {
-                        r.cleared(self.playback.unplayed(now));
-                    }
-                    if let Some((item, played)) = self.playback.cleared(now) {
-                        tracing::info!(item = %item, played_ms = played / 8, "barge-in");
-                        self.dropped_items.insert(item.clone());
-                        if let Some(l) = &self.cx.tools {
-                            l.barge_ins.send_modify(|n| *n += 1);
-                        }
-                        engine
-                            .interrupted(&item, played / 8)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                }
+                self.barge_in(engine).await?;
             }
             EngineEvent::CallerSpeechStopped => {
                 self.caller_speaking = false;
@@ -560,6 +636,11 @@ impl<L: Leg> Bridge<L> {
     /// Our bookkeeping at the end: transcript flushed, end reason noted, counters and
     /// latencies recorded. The leg stays open for the caller's last word.
     async fn finish(mut self, reason: &'static str, error: Option<String>) -> (L, Outcome) {
+        // Keys still being gathered when the stream ended were pressed: the transcript keeps
+        // them, though the engine no longer can answer.
+        if let Some(keys) = self.keypad.take() {
+            self.transcript_line(Speaker::Caller, super::keypad::transcript_line(&keys));
+        }
         self.flush_transcript().await;
         if reason != HANDOVER {
             note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;

@@ -2,6 +2,7 @@
 //! accounting it needs for barge-in.
 
 pub mod bridge;
+pub mod keypad;
 pub mod leg;
 mod playback;
 pub mod recorder;

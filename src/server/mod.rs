@@ -105,7 +105,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
             config.twilio.auth_token.expose(),
         );
         sim_cfg.timing = twilio_sim::Timing::realistic();
-        // Numbers ending 0486/0487/0404/0666 play busy/no-answer/failed/machine (README).
+        // Numbers ending 0486/0487/0404/0666/0123 play busy/no-answer/failed/machine/keys (README).
         sim_cfg.number_conventions = true;
         let sim = twilio_sim::start(sim_cfg)
             .await

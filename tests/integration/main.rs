@@ -12,6 +12,7 @@ mod engine_tools;
 mod engines;
 mod fakes_selftest;
 mod handover;
+mod keypad;
 mod layering;
 mod lifecycle;
 mod limits;

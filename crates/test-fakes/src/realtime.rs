@@ -179,6 +179,8 @@ pub struct Session {
     pub function_calls: Vec<(String, String, String)>,
     /// `function_call_output` items received, as sent.
     pub function_outputs: Vec<Value>,
+    /// The text of user `message` items created by the client (`input_text` parts).
+    pub user_texts: Vec<String>,
 }
 
 impl Session {
@@ -510,6 +512,7 @@ async fn upgrade(
             truncate_rejections: Vec::new(),
             function_calls: Vec::new(),
             function_outputs: Vec::new(),
+            user_texts: Vec::new(),
         });
         index
     });
@@ -1455,6 +1458,22 @@ impl Conn {
             Some(id) => id.to_owned(),
             None => self.new_id("item"),
         };
+        if item["type"] == "message" && item["role"] == "user" {
+            let parts = item["content"].as_array().cloned().unwrap_or_default();
+            let texts: Vec<String> = parts
+                .iter()
+                .filter(|p| p["type"] == "input_text")
+                .filter_map(|p| p["text"].as_str().map(str::to_owned))
+                .collect();
+            if parts.is_empty() || texts.len() != parts.len() {
+                self.record(|s| {
+                    s.violations.push(format!(
+                        "user message without only input_text parts: {item}"
+                    ))
+                });
+            }
+            self.record(|s| s.user_texts.push(texts.join(" ")));
+        }
         if item["type"] == "function_call_output" {
             let known = item["call_id"].as_str().is_some_and(|c| {
                 self.record(|s| s.function_calls.iter().any(|(id, _, _)| id == c))

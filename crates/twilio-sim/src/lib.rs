@@ -162,7 +162,8 @@ pub struct SimConfig {
 
 /// The dev convention for callees, by the number's last four digits: `0486` busy, `0487` no
 /// answer (rings until the timeout), `0404` failed (unreachable), `0666` an answering machine
-/// (`machine_end_beep` when detection was asked for). Other numbers: `None`.
+/// (`machine_end_beep` when detection was asked for), `0123` a caller who presses 1 2 3 # after
+/// the greeting. Other numbers: `None`.
 pub fn convention_scenario(to: &str) -> Option<Scenario> {
     let tail = to.get(to.len().saturating_sub(4)..)?;
     Some(match tail {
@@ -173,6 +174,15 @@ pub fn convention_scenario(to: &str) -> Option<Scenario> {
             caller: CallerScript::new(vec![Step::Silence(3000), Step::Hangup]),
             answered_by: Some("machine_end_beep".into()),
         },
+        "0123" => Scenario::answer(CallerScript::new(vec![
+            Step::WaitForAgentSilence { min_ms: 500 },
+            Step::Dtmf('1'),
+            Step::Dtmf('2'),
+            Step::Dtmf('3'),
+            Step::Dtmf('#'),
+            Step::WaitForAgentSilence { min_ms: 1500 },
+            Step::Hangup,
+        ])),
         _ => return None,
     })
 }
@@ -670,6 +680,17 @@ mod convention_tests {
                 ..
             })
         ));
+        let Some(Scenario::Answer { caller, .. }) = convention_scenario("+14155550123") else {
+            panic!("0123 answers");
+        };
+        assert_eq!(
+            caller
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::Dtmf(_)))
+                .count(),
+            4
+        );
         assert_eq!(convention_scenario("+14155550100"), None);
     }
 }

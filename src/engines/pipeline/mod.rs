@@ -229,7 +229,12 @@ enum Cmd {
     StreamStarted,
     Audio(Vec<u8>),
     Say(String),
-    Interrupted { item: String, played_ms: u64 },
+    /// A caller turn given as text (keypad).
+    CallerText(String),
+    Interrupted {
+        item: String,
+        played_ms: u64,
+    },
     Close,
 }
 
@@ -340,6 +345,10 @@ impl PipelineEngine {
 
     pub async fn say(&mut self, text: &str) -> Result<(), EngineError> {
         self.send(Cmd::Say(text.to_owned())).await
+    }
+
+    pub async fn caller_text(&mut self, text: &str) -> Result<(), EngineError> {
+        self.send(Cmd::CallerText(text.to_owned())).await
     }
 
     /// Cancel-safe.
@@ -719,6 +728,17 @@ impl Actor {
                 } else {
                     self.start_reply(Kind::Say, Some(text)).await;
                 }
+            }
+            Cmd::CallerText(text) => {
+                // Keys pressed while the agent talks answer it like a barge-in would.
+                if self.reply.is_some() {
+                    self.cut_reply().await;
+                }
+                if let Some(f) = self.finished.take() {
+                    self.settle(f, None).await;
+                }
+                self.history.push(json!({"role": "user", "content": text}));
+                self.start_reply(Kind::Turn, None).await;
             }
             Cmd::Interrupted { item, played_ms } => {
                 if let Some(f) = self.finished.take_if(|f| f.item == item) {

@@ -67,7 +67,9 @@ pub fn transition_with(
         && !current.is_terminal()
     {
         changed |= tx.execute(
-            "UPDATE calls SET answered_by = ?1 WHERE id = ?2 AND answered_by IS NOT ?1",
+            // A caller confirmed as a person stays one whatever a late detection says.
+            "UPDATE calls SET answered_by = ?1 WHERE id = ?2 AND answered_by IS NOT ?1 \
+             AND answered_by IS NOT 'human'",
             params![ab, id],
         )? > 0;
     }
@@ -122,6 +124,17 @@ pub fn transition_with(
     let call = get(&tx, Scope::All, id)?;
     tx.commit()?;
     Ok(Some(call))
+}
+
+/// The caller proved to be a person (a key press, a sentence in answer to the agent): on a
+/// live call that asked for answering-machine detection `answered_by` becomes `human`, and a
+/// machine report arriving later changes nothing (SPEC §8). True when this changed it.
+pub fn confirm_person(conn: &Connection, id: &str) -> Result<bool> {
+    Ok(conn.execute(
+        "UPDATE calls SET answered_by = 'human' WHERE id = ?1 AND machine_detection = 1 \
+         AND answered_by IS NOT 'human' AND status IN ('ringing','in_progress')",
+        [id],
+    )? > 0)
 }
 
 /// Notes why a live call is ending before the provider confirms it; the first reason wins.
