@@ -87,6 +87,8 @@ fn per_dial_us(store: &Store, id: &str, tenant_id: i64, n: usize) -> f64 {
         greeting: Some("Hi".into()),
         voice: None,
         machine_detection: false,
+        machine_action: None,
+        voicemail_message: None,
         metadata: serde_json::json!({}),
     };
     let t = Instant::now();

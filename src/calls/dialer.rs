@@ -159,6 +159,7 @@ async fn dial(s: &Shared, id: String) {
             .unwrap_or(config.agent.max_call_duration.as_secs())
             + TIME_LIMIT_GRACE_SECS,
         machine_detection: detail.machine_detection,
+        wait_for_message_end: detail.machine_action.as_deref() == Some("voicemail"),
         send_digits: detail.send_digits.clone(),
     };
     match s.carrier.create_call(&req).await {

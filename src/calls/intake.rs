@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::amd::MachineDetection;
 use super::error::CallError;
 use super::shared::Shared;
 use crate::config::HumanDuration;
@@ -37,7 +38,7 @@ pub struct CreateCallRequest {
     pub max_duration: Option<String>,
     #[serde(default)]
     #[schema(inline)]
-    pub machine_detection: Option<super::amd::MachineDetection>,
+    pub machine_detection: Option<MachineDetection>,
     /// Record this call (beats the tenant's choice).
     #[serde(default)]
     pub record: Option<bool>,
@@ -48,6 +49,10 @@ pub struct CreateCallRequest {
     /// of the request hash when absent, so older idempotent requests keep their hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_digits: Option<String>,
+    /// Left on an answering machine after its beep (`machine_detection = "voicemail"`; beats
+    /// the tenant's and the server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voicemail_message: Option<String>,
 }
 
 /// A request that passed every check that needs no database.
@@ -111,6 +116,10 @@ impl NewCall {
                     format!("too long (at most {max} characters)"),
                 ));
             }
+        }
+        if let Some(m) = &req.voicemail_message {
+            crate::domain::amd::check_voicemail_message(m)
+                .map_err(|e| CallError::invalid("voicemail_message", e))?;
         }
         if let Some(d) = &req.send_digits {
             super::keypad::check_send_digits(d)
@@ -223,6 +232,27 @@ impl Shared {
                         })
                 };
                 let record = req.record;
+                // The call's own setting beats the tenant's, which beats the server's.
+                let detection = MachineDetection::resolve(
+                    req.machine_detection,
+                    None,
+                    tenant
+                        .machine_detection
+                        .as_deref()
+                        .and_then(|m| MachineDetection::parse(m).ok()),
+                    config.agent.machine_detection,
+                );
+                let voicemail_message = (detection == MachineDetection::Voicemail)
+                    .then(|| {
+                        req.voicemail_message
+                            .clone()
+                            .or_else(|| tenant.voicemail_message.clone())
+                            .or_else(|| {
+                                Some(config.agent.voicemail_message.clone())
+                                    .filter(|m| !m.trim().is_empty())
+                            })
+                    })
+                    .flatten();
                 let created = calls::create_outbound(
                     c,
                     &OutboundRequest {
@@ -234,15 +264,13 @@ impl Shared {
                         greeting: req.greeting,
                         voice: req.voice,
                         max_duration_secs,
-                        machine_detection: req.machine_detection.is_some_and(|m| m.requested()),
+                        machine_detection: detection.requested(),
                         metadata,
                         idempotency_key,
                         request_hash,
                         send_digits: req.send_digits,
-                        machine_action: req
-                            .machine_detection
-                            .and_then(|m| m.stored_action())
-                            .map(str::to_owned),
+                        machine_action: detection.stored_action().map(str::to_owned),
+                        voicemail_message,
                     },
                     admit,
                 )?;

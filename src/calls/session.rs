@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::domain::event::CallEvent;
 use crate::engines::{Engine, EngineError};
+use crate::media::tools::ToolReply;
 
 /// An engine session being opened while the phone rings.
 pub type Prewarm = JoinHandle<Result<Engine, EngineError>>;
@@ -34,6 +36,8 @@ pub struct Session {
     resume_say: Mutex<Option<String>>,
     /// A transfer being dialed: (the target as listed, the summary for a warm whisper).
     transfer: Mutex<Option<PendingTransfer>>,
+    /// Into the live bridge's reply queue (set while a stream is bridged).
+    bridge: Mutex<Option<UnboundedSender<ToolReply>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,7 +62,22 @@ impl Session {
             first_stream: std::sync::OnceLock::new(),
             resume_say: Mutex::new(None),
             transfer: Mutex::new(None),
+            bridge: Mutex::new(None),
         }
+    }
+
+    /// The live bridge's reply queue, for the call domain to ask things of it.
+    pub fn set_bridge(&self, to_bridge: Option<UnboundedSender<ToolReply>>) {
+        *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = to_bridge;
+    }
+
+    /// Asks the live bridge for `r`; false when no bridge is listening.
+    pub fn tell_bridge(&self, r: ToolReply) -> bool {
+        self.bridge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|b| b.send(r).is_ok())
     }
 
     pub fn set_transfer(&self, t: Option<PendingTransfer>) {

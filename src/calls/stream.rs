@@ -53,6 +53,7 @@ impl Shared {
                 let id = call_id.as_str();
                 let session = self.sessions.get_or_create(id);
                 let _bridged = self.sessions.bridge_started(session.clone());
+                session.set_bridge(Some(tool_link.to_bridge.clone()));
                 // Taken, not borrowed: the record must not stay alive for the whole call.
                 if let Some(call) = changed {
                     self.announce(&call);
@@ -95,6 +96,7 @@ impl Shared {
                     session.end_handover();
                 }
                 let (leg, outcome) = Bridge::run(cx, leg, engine).await;
+                session.set_bridge(None);
                 self.stream_ended(id, &start.call_sid, inbound, leg, outcome)
                     .await;
             },

@@ -99,6 +99,13 @@ pub struct TenantFields {
     /// is about
     #[arg(long, value_name = "MODE")]
     transfer_mode: Option<String>,
+    /// off | detect | hangup | voicemail: answering-machine detection for this tenant's calls
+    /// ("" clears it: the server default)
+    #[arg(long, value_name = "MODE")]
+    machine_detection: Option<String>,
+    /// What the agent leaves on answering machines in voicemail mode ("" clears it)
+    #[arg(long, value_name = "TEXT")]
+    voicemail_message: Option<String>,
 }
 
 impl TenantFields {
@@ -147,6 +154,8 @@ impl TenantFields {
                 )
             },
             transfer_mode: self.transfer_mode,
+            machine_detection: self.machine_detection,
+            voicemail_message: self.voicemail_message,
         }
     }
 }

@@ -273,6 +273,10 @@ pub struct AgentConfig {
     pub script: Vec<String>,
     /// Record calls (SPEC §8) unless the tenant or the call says otherwise.
     pub record: bool,
+    /// Answering-machine detection when neither the call, its campaign nor its tenant says.
+    pub machine_detection: crate::domain::amd::MachineDetection,
+    /// Left on answering machines in `voicemail` mode when nothing closer gives one.
+    pub voicemail_message: String,
 }
 
 impl Default for AgentConfig {
@@ -291,6 +295,8 @@ impl Default for AgentConfig {
                 "Got it. Anything else?".into(),
             ],
             record: false,
+            machine_detection: crate::domain::amd::MachineDetection::Off,
+            voicemail_message: String::new(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! nothing of ours above it (see ARCHITECTURE.md): no I/O beyond the data-dir files, no SQL,
 //! no HTTP.
 
+pub mod amd;
 pub mod apikey;
 mod call;
 pub mod campaign;

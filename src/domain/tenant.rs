@@ -36,6 +36,11 @@ pub struct TenantPatch {
     /// `cold` (default: the call is joined at once) or `warm` (the person answering first
     /// hears the agent's summary).
     pub transfer_mode: Option<String>,
+    /// `off`, `detect`, `hangup` or `voicemail` for this tenant's calls (a campaign's or a
+    /// call's own value beats it); empty clears it (back to the server default).
+    pub machine_detection: Option<String>,
+    /// Left on answering machines in `voicemail` mode; empty clears it.
+    pub voicemail_message: Option<String>,
 }
 
 /// A number calls may be transferred to, with the label the agent and operators use for it.
@@ -157,6 +162,14 @@ impl TenantPatch {
                     return Err(Invalid::new("numbers", format!("{n} is listed twice")));
                 }
             }
+        }
+        if let Some(m) = self.machine_detection.as_deref().filter(|m| !m.is_empty()) {
+            crate::domain::amd::MachineDetection::parse(m)
+                .map_err(|e| Invalid::new("machine_detection", e))?;
+        }
+        if let Some(m) = self.voicemail_message.as_deref().filter(|m| !m.is_empty()) {
+            crate::domain::amd::check_voicemail_message(m)
+                .map_err(|e| Invalid::new("voicemail_message", e))?;
         }
         check_transfer(
             self.transfer_numbers.as_deref().unwrap_or_default(),

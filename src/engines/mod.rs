@@ -214,6 +214,15 @@ impl Engine {
         }
     }
 
+    /// Says `text` now, cutting short whatever the agent is still generating (the voicemail
+    /// message once a machine's beep has sounded).
+    pub async fn say_over(&mut self, text: &str) -> Result<(), EngineError> {
+        match self {
+            Engine::OpenAi(e) => e.say_over(text).await,
+            other => other.say(text).await,
+        }
+    }
+
     /// The caller said something without speaking (keypad digits: "The caller pressed 1 2 #"):
     /// it joins the conversation as the caller's turn and the agent answers it.
     pub async fn caller_text(&mut self, text: &str) -> Result<(), EngineError> {

@@ -205,6 +205,13 @@ impl RealtimeEngine {
         .await
     }
 
+    /// A response still being generated would refuse a new one: it is cancelled first (an
+    /// error about nothing to cancel is recoverable).
+    pub async fn say_over(&mut self, text: &str) -> Result<(), EngineError> {
+        self.send_json(&json!({"type": "response.cancel"})).await?;
+        self.say(text).await
+    }
+
     /// A caller turn as text (keypad): a user message, then a response to it. Should a
     /// response still be running, the service refuses the `response.create` (a recoverable
     /// error) and the message is answered with the next turn instead.

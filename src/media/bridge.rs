@@ -183,6 +183,11 @@ pub struct Bridge<L: Leg> {
     answering: bool,
     /// The caller is known to be a person (recorded once).
     person: bool,
+    /// Something was asked to be said before hanging up and its audio has not begun yet: the
+    /// hang-up waits for it (up to the hard deadline).
+    awaiting_audio: bool,
+    /// Leaving a voicemail: `Some(None)` until the message's audio begins, then its item.
+    leaving: Option<Option<ItemId>>,
 }
 
 impl<L: Leg> Bridge<L> {
@@ -223,6 +228,8 @@ impl<L: Leg> Bridge<L> {
             keypad: Keypad::default(),
             answering: false,
             person: false,
+            awaiting_audio: false,
+            leaving: None,
         };
         let mut engine = match engine {
             Ok(e) => e,
@@ -322,7 +329,7 @@ impl<L: Leg> Bridge<L> {
                         }
                     }
                     if let Some((reason, hard)) = b.hangup
-                        && (!b.playback.pending() || now >= hard)
+                        && ((!b.awaiting_audio && !b.playback.pending()) || now >= hard)
                     {
                         break (reason, None);
                     }
@@ -488,6 +495,14 @@ impl<L: Leg> Bridge<L> {
                 if let Some(r) = &mut self.recorder {
                     r.agent_audio(&payload_b64, now);
                 }
+                // While a voicemail is left, the message is the only thing the machine hears
+                // (the engine may still answer the beep as if someone spoke).
+                match &mut self.leaving {
+                    Some(slot @ None) => *slot = Some(item.clone()),
+                    Some(Some(message)) if *message != item => return Ok(()),
+                    _ => {}
+                }
+                self.awaiting_audio = false;
                 let seq = self.playback.sent(&item, bytes, now);
                 self.leg.feed_audio(&payload_b64).await?;
                 if let Some(seq) = seq {
@@ -596,6 +611,21 @@ impl<L: Leg> Bridge<L> {
                     .map_err(|e| e.to_string())?;
             }
             ToolReply::Say(text) => engine.say(&text).await.map_err(|e| e.to_string())?,
+            ToolReply::LeaveMessage(text) => {
+                // The machine records from its beep: what the agent was saying is cut, the
+                // message follows, and the call ends once it has played.
+                if self.hangup.is_none() {
+                    self.barge_in(engine).await?;
+                    let reason = "voicemail_left";
+                    note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;
+                    engine.say_over(&text).await.map_err(|e| e.to_string())?;
+                    // Room for the message at a slow speaking pace before the hard stop.
+                    let speaking = Duration::from_millis(text.chars().count() as u64 * 90);
+                    self.hangup = Some((reason, Instant::now() + speaking + GOODBYE_GRACE));
+                    self.awaiting_audio = true;
+                    self.leaving = Some(None);
+                }
+            }
             ToolReply::Hangup(reason) => {
                 if self.hangup.is_none() {
                     note_end_reason(&self.cx.store, &self.cx.call_id, reason).await;

@@ -24,6 +24,9 @@ pub enum ToolReply {
     Say(String),
     /// End the call once what was said has played.
     Hangup(&'static str),
+    /// An answering machine is recording (its beep has sounded): stop talking, say this,
+    /// then hang up (`end_reason = "voicemail_left"`).
+    LeaveMessage(String),
 }
 
 /// Both ends as the bridge holds them.
@@ -32,6 +35,9 @@ pub struct ToolLink {
     pub replies: mpsc::UnboundedReceiver<ToolReply>,
     /// Bumped at every barge-in, so tools with `on_interrupt = "cancel"` can stop.
     pub barge_ins: watch::Sender<u64>,
+    /// Another way into `replies`, for the call domain outside the tool executor (a machine
+    /// report asking for the voicemail message); held by the call's session, not the bridge.
+    pub to_bridge: mpsc::UnboundedSender<ToolReply>,
 }
 
 impl ToolLink {

@@ -510,6 +510,10 @@ pub struct AttemptCall {
     pub greeting: Option<String>,
     pub voice: Option<String>,
     pub machine_detection: bool,
+    /// `hangup` or `voicemail` (see the calls table's `machine_action`).
+    pub machine_action: Option<String>,
+    /// The voicemail message, the recipient's variables filled in.
+    pub voicemail_message: Option<String>,
     pub metadata: Value,
 }
 
@@ -567,8 +571,8 @@ pub fn start_attempt(
     tx.prepare_cached(
         "INSERT INTO calls (id, tenant_id, direction, to_number, from_number, status, engine, \
          system_prompt, greeting, voice, machine_detection, metadata, campaign_id, recipient_id, \
-         created_at, updated_at) \
-         VALUES (?1,?2,'outbound',?3,?4,'queued',?5,?6,?7,?8,?9,?10,?11,?12,?13,?13)",
+         created_at, updated_at, machine_action, voicemail_message) \
+         VALUES (?1,?2,'outbound',?3,?4,'queued',?5,?6,?7,?8,?9,?10,?11,?12,?13,?13,?14,?15)",
     )?
     .execute(params![
         id.as_str(),
@@ -583,7 +587,9 @@ pub fn start_attempt(
         call.metadata.to_string(),
         campaign_id,
         recipient_id,
-        now
+        now,
+        call.machine_action,
+        call.voicemail_message
     ])?;
     tx.prepare_cached(
         "UPDATE campaign_recipients SET state = 'dialing', attempts = attempts + 1, \
@@ -988,6 +994,8 @@ mod tests {
                     greeting: None,
                     voice: None,
                     machine_detection: false,
+                    machine_action: None,
+                    voicemail_message: None,
                     metadata: serde_json::json!({}),
                 };
                 let state = |c: &Connection| -> Result<(String, Option<String>, i64)> {

@@ -292,6 +292,12 @@ ALTER TABLE tenants ADD COLUMN transfer_numbers TEXT;
 ALTER TABLE tenants ADD COLUMN transfer_mode TEXT;
 ALTER TABLE calls ADD COLUMN transfer TEXT;
 "#,
+    // 12: voicemail drop: a call's message, and a tenant's detection mode and message.
+    r#"
+ALTER TABLE calls ADD COLUMN voicemail_message TEXT;
+ALTER TABLE tenants ADD COLUMN machine_detection TEXT;
+ALTER TABLE tenants ADD COLUMN voicemail_message TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -35,6 +35,10 @@ pub struct Tenant {
     pub transfer_numbers: Vec<TransferNumber>,
     /// `cold` or `warm`.
     pub transfer_mode: String,
+    /// Answering-machine detection for this tenant's calls (`None`: the server default).
+    pub machine_detection: Option<String>,
+    /// Left on answering machines in `voicemail` mode.
+    pub voicemail_message: Option<String>,
 }
 
 fn empty_to_none(v: Option<String>) -> Option<Option<String>> {
@@ -67,14 +71,18 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
         recording_notice: r.get(16)?,
         transfer_numbers: Vec::new(),
         transfer_mode: "cold".into(),
+        machine_detection: None,
+        voicemail_message: None,
     })
 }
 
 fn load_numbers(conn: &Connection, t: &mut Tenant) -> Result<()> {
-    let (list, mode): (Option<String>, Option<String>) = conn.query_row(
-        "SELECT transfer_numbers, transfer_mode FROM tenants WHERE id = ?1",
+    let (list, mode): (Option<String>, Option<String>);
+    (list, mode, t.machine_detection, t.voicemail_message) = conn.query_row(
+        "SELECT transfer_numbers, transfer_mode, machine_detection, voicemail_message \
+         FROM tenants WHERE id = ?1",
         [t.id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     t.transfer_numbers = list
         .and_then(|l| serde_json::from_str(&l).ok())
@@ -116,6 +124,27 @@ fn set_numbers(conn: &Connection, id: i64, numbers: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Sets what the patch says about answering machines (validated before; empty clears).
+fn set_amd(
+    conn: &Connection,
+    id: i64,
+    mode: Option<String>,
+    message: Option<String>,
+) -> Result<()> {
+    for (col, v) in [
+        ("machine_detection", empty_to_none(mode)),
+        ("voicemail_message", empty_to_none(message)),
+    ] {
+        if let Some(v) = v {
+            conn.execute(
+                &format!("UPDATE tenants SET {col} = ?1 WHERE id = ?2"),
+                params![v, id],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Sets what the patch says about transfers (validated before).
 fn set_transfer(
     conn: &Connection,
@@ -148,6 +177,8 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
         return Err(StoreError::Conflict("a new tenant needs a name".into()));
     };
     let (transfer_numbers, transfer_mode) = (p.transfer_numbers.clone(), p.transfer_mode.clone());
+    let (machine_detection, voicemail_message) =
+        (p.machine_detection.clone(), p.voicemail_message.clone());
     let tx = conn.transaction()?;
     let exists: bool = tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM tenants WHERE name = ?1)",
@@ -186,6 +217,7 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
     set_numbers(&tx, id, p.numbers.as_deref().unwrap_or_default())?;
     super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
     set_transfer(&tx, id, transfer_numbers, transfer_mode)?;
+    set_amd(&tx, id, machine_detection, voicemail_message)?;
     tx.commit()?;
     get(conn, &name)
 }
@@ -234,6 +266,8 @@ pub fn list(conn: &Connection) -> Result<Vec<Tenant>> {
 /// Changes tenant `name` with a patch that passed [`TenantPatch::validate_update`].
 pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenant> {
     let (transfer_numbers, transfer_mode) = (p.transfer_numbers.clone(), p.transfer_mode.clone());
+    let (machine_detection, voicemail_message) =
+        (p.machine_detection.clone(), p.voicemail_message.clone());
     let tx = conn.transaction()?;
     let current = get(&tx, name)?;
     let id = current.id;
@@ -282,6 +316,7 @@ pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenan
     }
     super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
     set_transfer(&tx, id, transfer_numbers, transfer_mode)?;
+    set_amd(&tx, id, machine_detection, voicemail_message)?;
     tx.execute(
         "UPDATE tenants SET updated_at = ?1 WHERE id = ?2",
         params![now_ms(), id],

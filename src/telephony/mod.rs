@@ -93,6 +93,9 @@ pub struct Dial {
     /// A backstop to our own duration governor.
     pub time_limit_secs: u64,
     pub machine_detection: bool,
+    /// Detection waits for the end of a machine's greeting (voicemail drop: Twilio
+    /// `DetectMessageEnd`) rather than reporting as soon as it decides.
+    pub wait_for_message_end: bool,
     /// Keys pressed on answer (Twilio `SendDigits`). Twilio turns AMD off with it, so AMD is
     /// then not requested at all.
     pub send_digits: Option<String>,
@@ -156,6 +159,7 @@ impl Carrier {
                     amd_callback: (d.machine_detection && d.send_digits.is_none())
                         .then(|| format!("{base}/twilio/amd/{id}")),
                     send_digits: d.send_digits.clone(),
+                    detect_message_end: d.wait_for_message_end,
                 };
                 Ok(t.create_call(&req).await?.sid)
             }

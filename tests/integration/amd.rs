@@ -296,7 +296,7 @@ async fn bad_machine_detection_values_are_refused() {
     let server = Server::start(&install);
     let http = reqwest::Client::new();
     for bad in [
-        json!("voicemail"),
+        json!("voicemail-please"),
         json!("maybe"),
         json!("HANGUP"),
         json!(3),

@@ -186,13 +186,13 @@ async fn another_tenants_call_is_not_found_and_unknown_fields_are_refused() {
 }
 
 /// An admin key on the stack's store (tenant settings are admin-only).
-fn admin_key(s: &Stack) -> String {
+pub(crate) fn admin_key(s: &Stack) -> String {
     s.store
         .blocking(|c| Ok(voicectl::store::keys::create(c, None, "admin", None)?.key))
         .unwrap()
 }
 
-async fn put_tenant(s: &Stack, admin: &str, body: Value) -> (u16, Value) {
+pub(crate) async fn put_tenant(s: &Stack, admin: &str, body: Value) -> (u16, Value) {
     let r = s
         .http
         .put(format!("{}/api/v1/tenants/acme", s.base))

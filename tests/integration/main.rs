@@ -25,4 +25,5 @@ mod serve;
 mod support;
 mod tls;
 mod tools;
+mod voicemail;
 mod webrtc;

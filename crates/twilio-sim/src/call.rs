@@ -460,6 +460,8 @@ impl Ctx {
         if !self.sleep(t.ring).await {
             return;
         }
+        let beeps = matches!(&scenario, Scenario::Answer { caller, .. }
+            if caller.steps.contains(&crate::Step::Beep));
         let (caller_answers, answered_by) = match scenario {
             Scenario::Busy => return self.end_self(CallStatus::Busy, EndReason::Busy),
             Scenario::Failed => return self.end_self(CallStatus::Failed, EndReason::Failed),
@@ -488,7 +490,12 @@ impl Ctx {
         if req.machine_detection.is_some() {
             let ab = answered_by.unwrap_or_else(|| "human".into());
             if req.async_amd {
-                self.spawn_async_amd(ab, req.amd_callback.clone(), t.amd);
+                // DetectMessageEnd reports a machine once its greeting is over: at its beep
+                // when the script has one (at most the detection timeout later).
+                let at_beep = beeps
+                    && req.machine_detection.as_deref() == Some("DetectMessageEnd")
+                    && ab.starts_with("machine_end_");
+                self.spawn_async_amd(ab, req.amd_callback.clone(), t.amd, at_beep);
             } else {
                 if !self.sleep(t.amd).await {
                     return;
@@ -520,12 +527,25 @@ impl Ctx {
         }
     }
 
-    fn spawn_async_amd(&self, answered_by: String, cb: Option<(String, String)>, after: Duration) {
+    fn spawn_async_amd(
+        &self,
+        answered_by: String,
+        cb: Option<(String, String)>,
+        after: Duration,
+        at_beep: bool,
+    ) {
         let cell = self.cell.clone();
         let tx = self.cb_tx.clone();
         let account = self.inner.cfg.account_sid.clone();
         self.inner.spawn(async move {
-            tokio::time::sleep(after).await;
+            let started = tokio::time::Instant::now();
+            if at_beep {
+                // Twilio's MachineDetectionTimeout default.
+                let _ = tokio::time::timeout(Duration::from_secs(30), cell.beeped.notified()).await;
+            } else {
+                tokio::time::sleep(after).await;
+            }
+            let after = started.elapsed();
             cell.rec().answered_by = Some(answered_by.clone());
             let (Some((url, method)), Some(tx)) = (cb, tx) else {
                 return;

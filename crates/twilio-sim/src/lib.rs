@@ -162,7 +162,8 @@ pub struct SimConfig {
 
 /// The dev convention for callees, by the number's last four digits: `0486` busy, `0487` no
 /// answer (rings until the timeout), `0404` failed (unreachable), `0666` an answering machine
-/// (`machine_end_beep` when detection was asked for), `0123` a caller who presses 1 2 3 # after
+/// (a 2.5 s greeting, a beep, then 10 s of recording; `machine_end_beep` when detection was
+/// asked for), `0123` a caller who presses 1 2 3 # after
 /// the greeting. Other numbers: `None`.
 pub fn convention_scenario(to: &str) -> Option<Scenario> {
     let tail = to.get(to.len().saturating_sub(4)..)?;
@@ -170,8 +171,14 @@ pub fn convention_scenario(to: &str) -> Option<Scenario> {
         "0486" => Scenario::Busy,
         "0487" => Scenario::NoAnswer,
         "0404" => Scenario::Failed,
+        // A greeting, the beep, then it records for a while.
         "0666" => Scenario::Answer {
-            caller: CallerScript::new(vec![Step::Silence(3000), Step::Hangup]),
+            caller: CallerScript::new(vec![
+                Step::Speak(2500),
+                Step::Beep,
+                Step::Silence(10_000),
+                Step::Hangup,
+            ]),
             answered_by: Some("machine_end_beep".into()),
         },
         "0123" => Scenario::answer(CallerScript::new(vec![
@@ -349,6 +356,8 @@ pub(crate) struct CallCell {
     /// wakes the call's task, which stops what it is doing and runs them.
     redirect: Mutex<Option<call::Redirect>>,
     redirect_tx: watch::Sender<u64>,
+    /// A machine's beep ended on the call's stream (what `DetectMessageEnd` waits for).
+    beeped: tokio::sync::Notify,
 }
 
 /// Recovers the data from a poisoned lock: a panicking test task must not take the whole
@@ -369,6 +378,7 @@ impl CallCell {
             dialed: std::sync::atomic::AtomicBool::new(false),
             redirect: Mutex::new(None),
             redirect_tx: watch::Sender::new(0),
+            beeped: tokio::sync::Notify::new(),
         }
     }
 

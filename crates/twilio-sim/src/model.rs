@@ -231,6 +231,10 @@ pub struct StreamRecord {
     pub caller_audio: Vec<u8>,
     pub caller_speech: Vec<SpeechSpan>,
     pub dtmf_sent: Vec<(char, u64)>,
+    /// When a machine's beep ended ([`crate::Step::Beep`]): it records from here.
+    pub beep_ended_ms: Option<u64>,
+    /// Agent bytes that played after the beep: what the machine recorded.
+    pub agent_played_after_beep: u64,
     pub media_frames_sent: u64,
     pub close: Option<StreamClose>,
 }

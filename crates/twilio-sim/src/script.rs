@@ -30,7 +30,13 @@ pub enum Step {
     /// Stop sending media frames for good while keeping the socket open (a stalled media
     /// path): what the app's no-media watchdog is for.
     StopMedia,
+    /// An answering machine's beep ([`BEEP_MS`] of a 1 kHz tone): its greeting is over and it
+    /// records from here. A `DetectMessageEnd` detection reports when it ends.
+    Beep,
 }
+
+/// How long [`Step::Beep`] sounds.
+pub const BEEP_MS: u64 = 500;
 
 /// What the caller does once the media stream is up. When the steps run out without a
 /// `Hangup`, the caller stays on the line in silence.
@@ -98,6 +104,14 @@ static SPEECH: LazyLock<Vec<u8>> = LazyLock::new(|| {
         .collect()
 });
 
+/// 1 kHz at 8 kHz sampling: 8 samples a cycle, so one cycle loops without a click.
+static BEEP: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    use std::f64::consts::TAU;
+    (0..8)
+        .map(|n| mulaw::encode((10_000.0 * (TAU * n as f64 / 8.0).sin()) as i16))
+        .collect()
+});
+
 /// The agent side as the caller perceives it, updated each tick by playback.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct AgentView {
@@ -118,6 +132,8 @@ pub(crate) enum Emit {
     Dtmf(char),
     Hangup,
     GaveUp,
+    /// A machine's beep just ended.
+    BeepEnded,
 }
 
 #[derive(Debug)]
@@ -130,6 +146,7 @@ enum Op {
     Dtmf(char),
     Hangup,
     StopMedia,
+    Beep,
 }
 
 pub(crate) struct Runner {
@@ -163,6 +180,7 @@ impl Runner {
                 Step::Dtmf(c) => ops.push(Op::Dtmf(*c)),
                 Step::Hangup => ops.push(Op::Hangup),
                 Step::StopMedia => ops.push(Op::StopMedia),
+                Step::Beep => ops.push(Op::Beep),
             }
         }
         Self {
@@ -270,6 +288,18 @@ impl Runner {
                 }
                 Op::Dtmf(c) => {
                     emits.push(Emit::Dtmf(*c));
+                    self.next_op();
+                }
+                // A tone, not speech: no speech events (the app's VAD may still hear it).
+                Op::Beep if elapsed < BEEP_MS => {
+                    let tone = BEEP.as_slice();
+                    for (i, b) in out.iter_mut().enumerate() {
+                        *b = tone[(elapsed as usize * 8 + i) % tone.len()];
+                    }
+                    return;
+                }
+                Op::Beep => {
+                    emits.push(Emit::BeepEnded);
                     self.next_op();
                 }
                 Op::StopMedia => {

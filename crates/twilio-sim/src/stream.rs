@@ -563,6 +563,9 @@ impl Session {
                     st.caller_audio.extend_from_slice(&self.frame);
                 }
             }
+            if st.beep_ended_ms.is_some() {
+                st.agent_played_after_beep += self.playback.played - st.agent_played_bytes;
+            }
             st.agent_played.extend_from_slice(&self.played_scratch);
             st.agent_played_bytes = self.playback.played;
             for e in &self.emits {
@@ -575,6 +578,10 @@ impl Session {
                         if let Some(s) = st.caller_speech.last_mut() {
                             s.end_ms = Some(now_ms);
                         }
+                    }
+                    Emit::BeepEnded => {
+                        st.beep_ended_ms = Some(now_ms);
+                        ctx.cell.beeped.notify_one();
                     }
                     _ => {}
                 }

@@ -17,6 +17,7 @@ pub mod template;
 
 use std::collections::BTreeSet;
 
+use crate::domain::amd::MachineDetection;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -68,8 +69,10 @@ pub struct CreateCampaignRequest {
     pub max_concurrent: Option<i64>,
     #[serde(default)]
     pub calls_per_second: Option<f64>,
+    /// `off`, `detect` (or `true`), `hangup` or `voicemail`; beats the tenant's.
     #[serde(default)]
-    pub machine_detection: Option<bool>,
+    #[schema(inline)]
+    pub machine_detection: Option<crate::domain::amd::MachineDetection>,
     /// Per outcome (`busy`, `no_answer`, `failed`, `machine`): `{"attempts", "after"}`.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -280,6 +283,10 @@ impl Shared {
         }
         let reserve = config.server.inbound_reserve() as i64;
         let default_engine = config.agent.engine;
+        let (default_detection, default_voicemail) = (
+            config.agent.machine_detection,
+            config.agent.voicemail_message.clone(),
+        );
         let default_from = config.twilio.from_number.clone();
         let out = self
             .store
@@ -316,14 +323,30 @@ impl Shared {
                         .unwrap_or(server_max - reserve)
                         .clamp(1, server_max)
                 });
+                // Fixed at creation: the campaign's own choice, else the tenant's, else the
+                // server's (SPEC §8), so every attempt is dialed alike.
+                let detection = MachineDetection::resolve(
+                    None,
+                    req.machine_detection,
+                    tenant
+                        .machine_detection
+                        .as_deref()
+                        .and_then(|m| MachineDetection::parse(m).ok()),
+                    default_detection,
+                );
+                let voicemail_message = req
+                    .voicemail_message
+                    .clone()
+                    .or_else(|| tenant.voicemail_message.clone())
+                    .or_else(|| Some(default_voicemail).filter(|m| !m.trim().is_empty()));
                 let settings = json!({
                     "from": from,
                     "system_prompt": req.system_prompt,
                     "greeting": req.greeting,
                     "engine": engine.to_string(),
                     "voice": req.voice,
-                    "voicemail_message": req.voicemail_message,
-                    "machine_detection": req.machine_detection.unwrap_or(false),
+                    "voicemail_message": voicemail_message,
+                    "machine_detection": detection.as_str(),
                     "metadata": metadata,
                 });
                 let new = NewCampaign {

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::domain::amd::MachineDetection;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
@@ -230,9 +231,12 @@ fn attempt_call(
         "recipient".into(),
         json!({"id": recipient_id, "to": to, "vars": vars}),
     );
-    if let Some(v) = text("voicemail_message") {
-        meta.insert("voicemail_message".into(), Value::String(v));
-    }
+    // Older campaigns stored a boolean; both spellings parse.
+    let detection = st
+        .get("machine_detection")
+        .cloned()
+        .and_then(|v| MachineDetection::try_from(v).ok())
+        .unwrap_or(MachineDetection::Off);
     AttemptCall {
         from: st
             .get("from")
@@ -247,10 +251,11 @@ fn attempt_call(
         system_prompt: text("system_prompt"),
         greeting: text("greeting"),
         voice: st.get("voice").and_then(Value::as_str).map(str::to_owned),
-        machine_detection: st
-            .get("machine_detection")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        machine_detection: detection.requested(),
+        machine_action: detection.stored_action().map(str::to_owned),
+        voicemail_message: (detection == MachineDetection::Voicemail)
+            .then(|| text("voicemail_message"))
+            .flatten(),
         metadata: Value::Object(meta),
     }
 }

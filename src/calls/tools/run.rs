@@ -121,6 +121,7 @@ impl Shared {
         let (calls_tx, calls_rx) = mpsc::unbounded_channel();
         let (replies_tx, replies_rx) = mpsc::unbounded_channel();
         let (barge_tx, barge_rx) = watch::channel(0);
+        let to_bridge = replies_tx.clone();
         tokio::spawn(serve(
             self.clone(),
             Arc::new(tools),
@@ -134,6 +135,7 @@ impl Shared {
                 calls: calls_tx,
                 replies: replies_rx,
                 barge_ins: barge_tx,
+                to_bridge,
             },
         )
     }

@@ -14,8 +14,8 @@ pub use queue::{
     queued_count, unfinished,
 };
 pub use records::{
-    Call, CallDetail, Cursor, ListQuery, NewCall, OutboundRequest, Scope, create_inbound,
-    create_outbound, detail, get, insert, list, machine_action,
+    Call, CallDetail, Cursor, ListQuery, MachineFacts, NewCall, OutboundRequest, Scope,
+    create_inbound, create_outbound, detail, get, insert, list, machine_action, machine_facts,
 };
 pub use state::{
     AfterEnd, EndedCall, Transition, add_event, after_end, confirm_person, engine_call_id,

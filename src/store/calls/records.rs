@@ -245,9 +245,11 @@ pub struct OutboundRequest {
     pub request_hash: String,
     /// Keys the carrier presses on answer (checked by the caller: `0-9 # * w`, ≤ 32).
     pub send_digits: Option<String>,
-    /// What to do on a machine (`'hangup'`), when `machine_detection` asked for more than
-    /// recording `answered_by`.
+    /// What to do on a machine (`'hangup'`, `'voicemail'`), when `machine_detection` asked for
+    /// more than recording `answered_by`.
     pub machine_action: Option<String>,
+    /// Left on an answering machine after its beep (`machine_action = 'voicemail'`).
+    pub voicemail_message: Option<String>,
 }
 
 /// Persists a queued outbound call: `Ok(Ok((call, true)))`. With an idempotency key already
@@ -307,8 +309,14 @@ pub fn create_outbound(
     )?;
     if r.send_digits.is_some() || r.machine_action.is_some() {
         tx.execute(
-            "UPDATE calls SET send_digits = ?1, machine_action = ?2 WHERE id = ?3",
-            params![r.send_digits, r.machine_action, id.as_str()],
+            "UPDATE calls SET send_digits = ?1, machine_action = ?2, voicemail_message = ?3 \
+             WHERE id = ?4",
+            params![
+                r.send_digits,
+                r.machine_action,
+                r.voicemail_message,
+                id.as_str()
+            ],
         )?;
     }
     add_event(
@@ -335,13 +343,15 @@ pub struct CallDetail {
     /// The call's own `record` choice.
     pub record: Option<bool>,
     pub send_digits: Option<String>,
+    /// `hangup` or `voicemail` (what a machine report leads to).
+    pub machine_action: Option<String>,
 }
 
 pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
     let call = get(conn, Scope::All, id)?;
     conn.query_row(
         "SELECT tenant_id, system_prompt, greeting, voice, max_duration_secs, machine_detection, \
-         record, send_digits FROM calls WHERE id = ?1",
+         record, send_digits, machine_action FROM calls WHERE id = ?1",
         [id],
         |r| {
             Ok(CallDetail {
@@ -354,6 +364,7 @@ pub fn detail(conn: &Connection, id: &str) -> Result<CallDetail> {
                 machine_detection: r.get(5)?,
                 record: r.get(6)?,
                 send_digits: r.get(7)?,
+                machine_action: r.get(8)?,
             })
         },
     )
@@ -383,6 +394,32 @@ pub fn create_inbound(
         &serde_json::json!({"status": "ringing"}),
     )?;
     get(conn, Scope::All, id.as_str())
+}
+
+/// What a machine report on a call is judged against.
+#[derive(Debug, Clone, Default)]
+pub struct MachineFacts {
+    /// `hangup` or `voicemail` (see [`OutboundRequest::machine_action`]).
+    pub action: Option<String>,
+    pub answered_by: Option<String>,
+    pub voicemail_message: Option<String>,
+}
+
+pub fn machine_facts(conn: &Connection, id: &str) -> Result<MachineFacts> {
+    Ok(conn
+        .query_row(
+            "SELECT machine_action, answered_by, voicemail_message FROM calls WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(MachineFacts {
+                    action: r.get(0)?,
+                    answered_by: r.get(1)?,
+                    voicemail_message: r.get(2)?,
+                })
+            },
+        )
+        .optional()?
+        .unwrap_or_default())
 }
 
 /// What call `id` does when a machine answers (`None`: nothing, or no such call).

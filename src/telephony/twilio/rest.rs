@@ -67,6 +67,8 @@ pub struct CreateCall {
     pub amd_callback: Option<String>,
     /// Twilio `SendDigits`: `0-9 # * w` pressed on answer (`w` waits 0.5 s).
     pub send_digits: Option<String>,
+    /// `MachineDetection=DetectMessageEnd`: machines are reported once their greeting ended.
+    pub detect_message_end: bool,
 }
 
 #[derive(Clone)]
@@ -127,7 +129,12 @@ impl TwilioClient {
             form.push(("StatusCallbackEvent", ev.into()));
         }
         if let Some(amd) = &c.amd_callback {
-            form.push(("MachineDetection", "Enable".into()));
+            let mode = if c.detect_message_end {
+                "DetectMessageEnd"
+            } else {
+                "Enable"
+            };
+            form.push(("MachineDetection", mode.into()));
             form.push(("AsyncAmd", "true".into()));
             form.push(("AsyncAmdStatusCallback", amd.clone()));
             form.push(("AsyncAmdStatusCallbackMethod", "POST".into()));
