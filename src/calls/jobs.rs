@@ -136,6 +136,7 @@ impl Lane {
                     JobKind::UltravoxTranscript => ultravox_transcript(&m, &job).await,
                     JobKind::Reconcile => reconcile(&m, &job).await,
                     JobKind::CampaignCompleted => campaign_completed(&m, &ctx, &job).await,
+                    JobKind::Analysis => analysis(&m, &job).await,
                 };
                 record(&m, &job, outcome).await;
                 {
@@ -466,6 +467,61 @@ async fn ultravox_transcript(m: &Shared, job: &Job) -> Result<Next, String> {
     tracing::info!(call_id = ?job.call_id, lines = n, "stored Ultravox transcript");
     m.wake.jobs.notify_one();
     Ok(Next::Done)
+}
+
+/// Post-call analysis (SPEC §8), stored on the call; storing it lets the call-ended webhook,
+/// which waits for it, go at once. A model that fails or answers off the schema leaves an
+/// `error` instead (the webhook goes then too); only our own store failing is retried.
+async fn analysis(m: &Shared, job: &Job) -> Result<Next, String> {
+    let (Some(call_id), Some(tenant_id)) = (job.call_id.clone(), job.tenant_id) else {
+        return Ok(Next::Done);
+    };
+    let cid = call_id.clone();
+    let loaded = m
+        .store
+        .run(move |c| {
+            let tenant = tenants::get_by_id(c, tenant_id)?;
+            Ok((tenant.analysis, calls::transcript(c, Scope::All, &cid)?))
+        })
+        .await;
+    let (spec, transcript) = match loaded {
+        Ok((Some(spec), t)) => (spec, t),
+        Ok((None, _)) | Err(StoreError::NotFound(_)) => {
+            // Turned off (or deleted) since the call ended: the webhook need not wait.
+            release_webhook(m, call_id).await?;
+            return Ok(Next::Done);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let result = if transcript.is_empty() {
+        crate::domain::analysis::CallAnalysis {
+            error: Some("nothing was said: no transcript to analyse".into()),
+            ..Default::default()
+        }
+    } else {
+        let llm = crate::engines::analysis::llm_config(&m.config());
+        crate::engines::analysis::analyse(&llm, &spec, &transcript).await
+    };
+    if let Some(e) = &result.error {
+        tracing::warn!(call_id = %call_id, error = %e, "post-call analysis failed");
+    } else {
+        tracing::info!(call_id = %call_id, "post-call analysis stored");
+    }
+    m.store
+        .run(move |c| calls::set_analysis(c, &call_id, &result))
+        .await
+        .map_err(|e| e.to_string())?;
+    m.wake.jobs.notify_one();
+    Ok(Next::Done)
+}
+
+async fn release_webhook(m: &Shared, call_id: String) -> Result<(), String> {
+    m.store
+        .run(move |c| jobs::run_by(c, &format!("call.ended:{call_id}"), now_ms()).map(|_| ()))
+        .await
+        .map_err(|e| e.to_string())?;
+    m.wake.jobs.notify_one();
+    Ok(())
 }
 
 async fn reconcile(m: &Shared, job: &Job) -> Result<Next, String> {

@@ -106,11 +106,25 @@ pub struct TenantFields {
     /// What the agent leaves on answering machines in voicemail mode ("" clears it)
     #[arg(long, value_name = "TEXT")]
     voicemail_message: Option<String>,
+    /// Post-call analysis from a JSON file: {"summary": true, "schema": {...}, "success":
+    /// "..."}; a file holding {} turns it off
+    #[arg(long, value_name = "FILE")]
+    analysis: Option<std::path::PathBuf>,
 }
 
 impl TenantFields {
-    fn into_patch(self, name: Option<String>) -> TenantPatch {
-        TenantPatch {
+    fn into_patch(self, name: Option<String>) -> anyhow::Result<TenantPatch> {
+        let analysis = match &self.analysis {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Some(serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("{}: not an analysis object: {e}", path.display())
+                })?)
+            }
+        };
+        Ok(TenantPatch {
             name,
             company: self.company,
             agent_name: self.agent_name,
@@ -156,7 +170,8 @@ impl TenantFields {
             transfer_mode: self.transfer_mode,
             machine_detection: self.machine_detection,
             voicemail_message: self.voicemail_message,
-        }
+            analysis,
+        })
     }
 }
 
@@ -208,7 +223,7 @@ pub fn tenant(ctx: &Ctx, cmd: TenantCmd) -> anyhow::Result<ExitCode> {
     let store = open_store(ctx)?;
     match cmd {
         TenantCmd::Add { name, fields } => {
-            let patch = fields.into_patch(Some(name));
+            let patch = fields.into_patch(Some(name))?;
             patch.validate_create().map_err(invalid_err)?;
             patch
                 .check_webhook_target(&ctx.load_config()?.server.allow_private_targets)
@@ -248,7 +263,7 @@ pub fn tenant(ctx: &Ctx, cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             print_tenant(ctx, &t, "")?;
         }
         TenantCmd::Update { tenant, fields } => {
-            let patch = fields.into_patch(None);
+            let patch = fields.into_patch(None)?;
             patch.validate_update(&tenant).map_err(invalid_err)?;
             patch
                 .check_webhook_target(&ctx.load_config()?.server.allow_private_targets)

@@ -73,7 +73,7 @@ pub enum Command {
     Tools(tools::ToolsCmd),
     /// Tenant management (works whether or not the server runs)
     #[command(subcommand)]
-    Tenant(admin::TenantCmd),
+    Tenant(Box<admin::TenantCmd>),
     /// API keys
     #[command(subcommand)]
     Key(admin::KeyCmd),
@@ -204,7 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Campaign(cmd) => campaign::campaign(&ctx, cmd),
         Command::Dnc(cmd) => campaign::dnc(&ctx, cmd),
         Command::Tools(cmd) => tools::run(&ctx, cmd),
-        Command::Tenant(cmd) => admin::tenant(&ctx, cmd),
+        Command::Tenant(cmd) => admin::tenant(&ctx, *cmd),
         Command::Key(cmd) => admin::key(&ctx, cmd),
         Command::Backup { path } => admin::backup(&ctx, &path),
         Command::Completions { shell } => {

@@ -10,14 +10,17 @@ pub enum JobKind {
     Reconcile,
     /// POST the tenant's `campaign.completed` webhook (the campaign id is in the dedupe key).
     CampaignCompleted,
+    /// Post-call analysis by an LLM (then the call-ended webhook goes at once).
+    Analysis,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [
+    pub const ALL: [JobKind; 5] = [
         Self::Webhook,
         Self::UltravoxTranscript,
         Self::Reconcile,
         Self::CampaignCompleted,
+        Self::Analysis,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -26,6 +29,7 @@ impl JobKind {
             Self::UltravoxTranscript => "ultravox_transcript",
             Self::Reconcile => "reconcile",
             Self::CampaignCompleted => "campaign_completed",
+            Self::Analysis => "analysis",
         }
     }
 

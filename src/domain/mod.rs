@@ -3,6 +3,7 @@
 //! no HTTP.
 
 pub mod amd;
+pub mod analysis;
 pub mod apikey;
 mod call;
 pub mod campaign;

@@ -41,6 +41,8 @@ pub struct TenantPatch {
     pub machine_detection: Option<String>,
     /// Left on answering machines in `voicemail` mode; empty clears it.
     pub voicemail_message: Option<String>,
+    /// Post-call analysis (SPEC §8); `{}` turns it off.
+    pub analysis: Option<crate::domain::analysis::AnalysisSpec>,
 }
 
 /// A number calls may be transferred to, with the label the agent and operators use for it.
@@ -170,6 +172,9 @@ impl TenantPatch {
         if let Some(m) = self.voicemail_message.as_deref().filter(|m| !m.is_empty()) {
             crate::domain::amd::check_voicemail_message(m)
                 .map_err(|e| Invalid::new("voicemail_message", e))?;
+        }
+        if let Some(a) = &self.analysis {
+            a.validate()?;
         }
         check_transfer(
             self.transfer_numbers.as_deref().unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! agent audio, transcript lines and turn signals. Engines are an enum, not trait objects:
 //! the bridge polls one inside the call's single task, with no boxing per frame.
 
+pub mod analysis;
 pub mod breaker;
 pub mod openai;
 pub mod pipeline;

@@ -175,13 +175,18 @@ pub fn next_run_at_in(conn: &Connection, lane: Lane) -> Result<Option<i64>> {
     )?)
 }
 
+/// Moves the pending job `dedupe_key` earlier to `at` (never later); false when there is none.
+pub fn run_by(conn: &Connection, dedupe_key: &str, at: i64) -> Result<bool> {
+    Ok(conn.execute(
+        "UPDATE jobs SET run_at = MIN(run_at, ?1) WHERE dedupe_key = ?2 AND state = 'pending'",
+        params![at, dedupe_key],
+    )? > 0)
+}
+
 /// Moves a pending reconcile for `call_id` earlier to `at` (never later), or queues one.
 pub fn reconcile_by(conn: &Connection, call_id: &str, at: i64) -> Result<()> {
     let key = reconcile_key(call_id);
-    conn.execute(
-        "UPDATE jobs SET run_at = MIN(run_at, ?1) WHERE dedupe_key = ?2 AND state = 'pending'",
-        params![at, key],
-    )?;
+    run_by(conn, &key, at)?;
     enqueue(conn, JobKind::Reconcile, Some(call_id), None, &key, at)
 }
 

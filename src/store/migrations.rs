@@ -298,6 +298,11 @@ ALTER TABLE calls ADD COLUMN voicemail_message TEXT;
 ALTER TABLE tenants ADD COLUMN machine_detection TEXT;
 ALTER TABLE tenants ADD COLUMN voicemail_message TEXT;
 "#,
+    // 13: post-call analysis: what a tenant asks for, what a call got.
+    r#"
+ALTER TABLE tenants ADD COLUMN analysis TEXT;
+ALTER TABLE calls ADD COLUMN analysis TEXT;
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

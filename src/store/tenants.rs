@@ -5,6 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{Result, StoreError};
+use crate::domain::analysis::AnalysisSpec;
 use crate::domain::ids::random_token;
 pub use crate::domain::tenant::{TenantPatch, TransferNumber};
 use crate::domain::timefmt::{now_ms, rfc3339};
@@ -39,6 +40,8 @@ pub struct Tenant {
     pub machine_detection: Option<String>,
     /// Left on answering machines in `voicemail` mode.
     pub voicemail_message: Option<String>,
+    /// Post-call analysis asked for (`None`: none).
+    pub analysis: Option<AnalysisSpec>,
 }
 
 fn empty_to_none(v: Option<String>) -> Option<Option<String>> {
@@ -73,17 +76,25 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
         transfer_mode: "cold".into(),
         machine_detection: None,
         voicemail_message: None,
+        analysis: None,
     })
 }
 
 fn load_numbers(conn: &Connection, t: &mut Tenant) -> Result<()> {
-    let (list, mode): (Option<String>, Option<String>);
-    (list, mode, t.machine_detection, t.voicemail_message) = conn.query_row(
-        "SELECT transfer_numbers, transfer_mode, machine_detection, voicemail_message \
+    let (list, mode, analysis): (Option<String>, Option<String>, Option<String>);
+    (
+        list,
+        mode,
+        t.machine_detection,
+        t.voicemail_message,
+        analysis,
+    ) = conn.query_row(
+        "SELECT transfer_numbers, transfer_mode, machine_detection, voicemail_message, analysis \
          FROM tenants WHERE id = ?1",
         [t.id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
     )?;
+    t.analysis = analysis.and_then(|a| serde_json::from_str(&a).ok());
     t.transfer_numbers = list
         .and_then(|l| serde_json::from_str(&l).ok())
         .unwrap_or_default();
@@ -121,6 +132,23 @@ fn set_numbers(conn: &Connection, id: i64, numbers: &[String]) -> Result<()> {
             params![n, id],
         )?;
     }
+    Ok(())
+}
+
+/// Sets the tenant's analysis (validated before; an empty spec removes it).
+fn set_analysis(conn: &Connection, id: i64, spec: Option<AnalysisSpec>) -> Result<()> {
+    let Some(spec) = spec else {
+        return Ok(());
+    };
+    let json = if spec.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_string(&spec).map_err(|e| StoreError::Task(format!("analysis: {e}")))?)
+    };
+    conn.execute(
+        "UPDATE tenants SET analysis = ?1 WHERE id = ?2",
+        params![json, id],
+    )?;
     Ok(())
 }
 
@@ -179,6 +207,7 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
     let (transfer_numbers, transfer_mode) = (p.transfer_numbers.clone(), p.transfer_mode.clone());
     let (machine_detection, voicemail_message) =
         (p.machine_detection.clone(), p.voicemail_message.clone());
+    let analysis = p.analysis.clone();
     let tx = conn.transaction()?;
     let exists: bool = tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM tenants WHERE name = ?1)",
@@ -218,6 +247,7 @@ pub fn create(conn: &mut Connection, p: TenantPatch) -> Result<Tenant> {
     super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
     set_transfer(&tx, id, transfer_numbers, transfer_mode)?;
     set_amd(&tx, id, machine_detection, voicemail_message)?;
+    set_analysis(&tx, id, analysis)?;
     tx.commit()?;
     get(conn, &name)
 }
@@ -268,6 +298,7 @@ pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenan
     let (transfer_numbers, transfer_mode) = (p.transfer_numbers.clone(), p.transfer_mode.clone());
     let (machine_detection, voicemail_message) =
         (p.machine_detection.clone(), p.voicemail_message.clone());
+    let analysis = p.analysis.clone();
     let tx = conn.transaction()?;
     let current = get(&tx, name)?;
     let id = current.id;
@@ -317,6 +348,7 @@ pub fn update(conn: &mut Connection, name: &str, p: TenantPatch) -> Result<Tenan
     super::recording::set_tenant(&tx, id, p.record, p.recording_notice.as_deref())?;
     set_transfer(&tx, id, transfer_numbers, transfer_mode)?;
     set_amd(&tx, id, machine_detection, voicemail_message)?;
+    set_analysis(&tx, id, analysis)?;
     tx.execute(
         "UPDATE tenants SET updated_at = ?1 WHERE id = ?2",
         params![now_ms(), id],

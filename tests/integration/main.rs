@@ -1,6 +1,7 @@
 //! One integration-test binary (fast linking); topics are modules.
 
 mod amd;
+mod analysis;
 mod api;
 mod browser;
 mod calls;

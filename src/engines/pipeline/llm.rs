@@ -119,7 +119,7 @@ pub fn request_body(cfg: &LlmConfig, messages: &[Value]) -> Value {
 pub fn start(http: reqwest::Client, cfg: LlmConfig, messages: Vec<Value>) -> LlmStream {
     let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(async move {
-        let r = run(&http, &cfg, &messages, &tx).await;
+        let r = run(&http, &cfg, &request_body(&cfg, &messages), &tx).await;
         let ev = match r {
             Ok(tool_calls) => LlmEvent::Done { tool_calls },
             Err(e) => LlmEvent::Failed(e),
@@ -129,14 +129,40 @@ pub fn start(http: reqwest::Client, cfg: LlmConfig, messages: Vec<Value>) -> Llm
     LlmStream { rx, task }
 }
 
-async fn run(
+/// One whole answer (no tool calls expected), streamed like every other request so every
+/// OpenAI-compatible server and our fake speak it; `extra` joins the request body (e.g.
+/// `response_format`).
+pub async fn complete(
     http: &reqwest::Client,
     cfg: &LlmConfig,
     messages: &[Value],
+    extra: Value,
+) -> Result<String, String> {
+    let mut body = request_body(cfg, messages);
+    if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    let (tx, mut rx) = mpsc::channel(256);
+    let request = async move { run(http, cfg, &body, &tx).await };
+    let collect = async {
+        let mut text = String::new();
+        while let Some(LlmEvent::Token(t)) = rx.recv().await {
+            text.push_str(&t);
+        }
+        text
+    };
+    let (r, text) = tokio::join!(request, collect);
+    r.map(|_| text)
+}
+
+async fn run(
+    http: &reqwest::Client,
+    cfg: &LlmConfig,
+    body: &Value,
     tx: &mpsc::Sender<LlmEvent>,
 ) -> Result<Vec<ToolCall>, String> {
     let url = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'));
-    let mut req = http.post(&url).json(&request_body(cfg, messages));
+    let mut req = http.post(&url).json(body);
     if !cfg.api_key.is_empty() {
         req = req.bearer_auth(cfg.api_key.expose());
     }

@@ -89,7 +89,7 @@ pub struct Providers {
     pub tts: String,
 }
 
-fn http() -> reqwest::Client {
+pub(crate) fn http() -> reqwest::Client {
     // One connection pool for every call: TLS sessions and HTTP/2 connections to the LLM
     // and speech APIs are reused instead of set up per turn.
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();

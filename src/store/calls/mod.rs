@@ -19,8 +19,8 @@ pub use records::{
 };
 pub use state::{
     AfterEnd, EndedCall, Transition, add_event, after_end, confirm_person, engine_call_id,
-    enqueue_webhook, events, id_by_sid, set_end_reason, set_engine_call_id, set_error, set_latency,
-    set_providers, set_stream_token, set_transfer, set_twilio_sid, take_stream_token, transition,
-    transition_with, webhook_job,
+    enqueue_webhook, events, id_by_sid, set_analysis, set_end_reason, set_engine_call_id,
+    set_error, set_latency, set_providers, set_stream_token, set_transfer, set_twilio_sid,
+    take_stream_token, transition, transition_with, webhook_job,
 };
 pub use transcripts::{TranscriptEntry, add_transcript, replace_transcript, transcript};

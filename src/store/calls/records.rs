@@ -47,6 +47,10 @@ pub struct Call {
     /// the dial: `completed`, `busy`, `no-answer`, `failed`, `canceled`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer: Option<serde_json::Value>,
+    /// Post-call analysis, when the tenant asks for it: `{"summary", "data", "success"}` or
+    /// `{"error"}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<crate::domain::analysis::CallAnalysis>,
 }
 
 /// Which calls a reader may see.
@@ -79,8 +83,8 @@ pub struct NewCall {
 
 pub(super) const COLUMNS: &str = "c.id, t.name, c.direction, c.to_number, c.from_number, c.status, c.engine, \
      c.twilio_call_sid, c.answered_by, c.created_at, c.started_at, c.ended_at, \
-     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers, c.recording, c.transfer \
-     FROM calls c JOIN tenants t ON t.id = c.tenant_id";
+     c.duration_seconds, c.end_reason, c.metadata, c.error, c.latency, c.providers, c.recording, c.transfer, \
+     c.analysis FROM calls c JOIN tenants t ON t.id = c.tenant_id";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
     let text_err = |i: usize, what: &str, v: &str| {
@@ -124,6 +128,9 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Call> {
         created_ms,
         transfer: r
             .get::<_, Option<String>>(19)?
+            .and_then(|l| serde_json::from_str(&l).ok()),
+        analysis: r
+            .get::<_, Option<String>>(20)?
             .and_then(|l| serde_json::from_str(&l).ok()),
     })
 }

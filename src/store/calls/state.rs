@@ -31,6 +31,8 @@ pub struct EndedCall {
     /// The engine's own id for the call, when the engine (Ultravox) keeps a record of it.
     pub engine_call_id: Option<String>,
     pub tenant_has_webhook: bool,
+    /// The tenant asks for post-call analysis.
+    pub tenant_has_analysis: bool,
 }
 
 /// Decides which jobs follow a call's end. The store runs it inside the transaction that ends
@@ -163,11 +165,11 @@ fn ended_call(
     tenant_id: i64,
     status: CallStatus,
 ) -> Result<EndedCall> {
-    let (engine_call_id, tenant_has_webhook) = conn.query_row(
-        "SELECT c.engine_call_id, t.webhook_url IS NOT NULL FROM calls c \
+    let (engine_call_id, tenant_has_webhook, tenant_has_analysis) = conn.query_row(
+        "SELECT c.engine_call_id, t.webhook_url IS NOT NULL, t.analysis IS NOT NULL FROM calls c \
          JOIN tenants t ON t.id = c.tenant_id WHERE c.id = ?1",
         [id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     Ok(EndedCall {
         id: id.to_owned(),
@@ -175,6 +177,7 @@ fn ended_call(
         status,
         engine_call_id,
         tenant_has_webhook,
+        tenant_has_analysis,
     })
 }
 
@@ -191,10 +194,45 @@ pub fn after_end(call: &EndedCall) -> Vec<NewJob> {
             run_at: now_ms(),
         }];
     }
-    if call.tenant_has_webhook {
-        return vec![webhook_job(&call.id, call.tenant_id)];
+    after_transcript(
+        &call.id,
+        call.tenant_id,
+        call.tenant_has_webhook,
+        call.tenant_has_analysis,
+    )
+}
+
+/// The webhook waits for the analysis at most this long (SPEC §8).
+pub const ANALYSIS_WAIT_MS: i64 = 60_000;
+
+/// Once a call's transcript is complete: the analysis if the tenant asks for it, and the
+/// webhook. The webhook is queued at once but due only after [`ANALYSIS_WAIT_MS`]; the
+/// analysis job makes it due as soon as it is done, so a slow or failing model delays it by a
+/// minute at most, and a crash in between still sends it exactly once.
+pub fn after_transcript(
+    call_id: &str,
+    tenant_id: i64,
+    has_webhook: bool,
+    has_analysis: bool,
+) -> Vec<NewJob> {
+    let mut jobs = Vec::new();
+    if has_analysis {
+        jobs.push(NewJob {
+            kind: JobKind::Analysis,
+            call_id: Some(call_id.to_owned()),
+            tenant_id: Some(tenant_id),
+            dedupe_key: format!("analysis:{call_id}"),
+            run_at: now_ms(),
+        });
     }
-    Vec::new()
+    if has_webhook {
+        let mut hook = webhook_job(call_id, tenant_id);
+        if has_analysis {
+            hook.run_at += ANALYSIS_WAIT_MS;
+        }
+        jobs.push(hook);
+    }
+    jobs
 }
 
 // policy: moves to calls::lifecycle
@@ -209,16 +247,33 @@ pub fn webhook_job(call_id: &str, tenant_id: i64) -> NewJob {
     }
 }
 
-/// Queues the tenant's call-ended webhook for `call_id`, if the tenant has a webhook.
+/// Queues what follows a complete transcript ([`after_transcript`]): the analysis if the
+/// tenant asks for it, and the call-ended webhook if the tenant has one.
 pub fn enqueue_webhook(conn: &Connection, call_id: &str, tenant_id: i64) -> Result<()> {
-    let has_hook: bool = conn.query_row(
-        "SELECT webhook_url IS NOT NULL FROM tenants WHERE id = ?1",
+    let (has_hook, has_analysis): (bool, bool) = conn.query_row(
+        "SELECT webhook_url IS NOT NULL, analysis IS NOT NULL FROM tenants WHERE id = ?1",
         [tenant_id],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    if has_hook {
-        jobs::enqueue_job(conn, &webhook_job(call_id, tenant_id))?;
+    for job in after_transcript(call_id, tenant_id, has_hook, has_analysis) {
+        jobs::enqueue_job(conn, &job)?;
     }
+    Ok(())
+}
+
+/// Stores a call's analysis and lets its waiting webhook go now.
+pub fn set_analysis(
+    conn: &Connection,
+    id: &str,
+    analysis: &crate::domain::analysis::CallAnalysis,
+) -> Result<()> {
+    let json = serde_json::to_string(analysis)
+        .map_err(|e| crate::store::StoreError::Task(format!("analysis: {e}")))?;
+    conn.execute(
+        "UPDATE calls SET analysis = ?1 WHERE id = ?2",
+        params![json, id],
+    )?;
+    jobs::run_by(conn, &format!("call.ended:{id}"), now_ms())?;
     Ok(())
 }
 
