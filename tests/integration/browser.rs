@@ -224,10 +224,28 @@ async fn login_link_then_a_live_call_appears_and_its_transcript_streams() {
     let t = wait_text(&b, "#events", "completed").await;
     assert!(t.contains("ringing") || t.contains("in progress"), "{t}");
 
-    // A finished call's page from scratch: transcript from the store, latency figures.
+    // A finished call's page from scratch: transcript from the store, latency figures, and the
+    // post-call analysis when there is one.
+    let aid = id.clone();
+    s.store
+        .blocking(move |c| {
+            let a = voicectl::domain::analysis::CallAnalysis {
+                summary: Some("The caller chose Tuesday.".into()),
+                data: Some(json!({"day": "Tuesday"})),
+                success: Some(true),
+                error: None,
+            };
+            voicectl::store::calls::set_analysis(c, &aid, &a)
+        })
+        .unwrap();
     b.goto(&format!("{}/ui/calls/{id}", s.base)).await.unwrap();
     let text = wait_text(&b, "#transcript", "agent").await;
     assert!(text.contains("Hi"), "{text}");
+    let analysis = wait_text(&b, "#analysis", "The caller chose Tuesday.").await;
+    assert!(
+        analysis.contains("Tuesday") && analysis.contains("yes"),
+        "{analysis}"
+    );
     // History lists it.
     b.goto(&format!("{}/ui/calls?status=completed", s.base))
         .await

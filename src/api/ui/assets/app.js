@@ -336,8 +336,36 @@ const PAGES = {
         ),
       );
     }
+    const a = t.call.analysis;
+    if (a) {
+      side.append(
+        h(
+          "section",
+          { id: "analysis" },
+          h("h2", {}, "Analysis"),
+          h(
+            "dl",
+            { class: "kv" },
+            a.summary ? [h("dt", {}, "Summary"), h("dd", {}, a.summary)] : [],
+            a.success !== undefined ? [h("dt", {}, "Success"), h("dd", {}, a.success ? "yes" : "no")] : [],
+            a.data !== undefined ? [h("dt", {}, "Data"), h("dd", {}, h("pre", {}, JSON.stringify(a.data, null, 2)))] : [],
+            a.error ? [h("dt", {}, "Error"), h("dd", {}, a.error)] : [],
+          ),
+        ),
+      );
+    }
+    if (t.call.recording && t.call.recording.status === "recorded") {
+      talk.append(
+        h(
+          "section",
+          { id: "recording" },
+          h("h2", {}, "Recording"),
+          h("audio", { controls: "", preload: "none", src: `/api/v1/calls/${encodeURIComponent(id)}/recording` }),
+        ),
+      );
+    }
+    // Tool calls are transcript lines of their own (speaker "tool").
     talk.append(h("section", {}, h("h2", {}, "Transcript"), transcript));
-    // Tool calls, analysis and recordings get their sections here once calls carry them.
     if (TERMINAL.has(t.call.status)) {
       transcript.replaceChildren(...t.transcript.map(line));
       if (!t.transcript.length) transcript.append(h("li", { class: "empty" }, "No transcript."));
