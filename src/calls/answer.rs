@@ -154,6 +154,8 @@ impl Shared {
             call_id: id,
             tenant: &setup.ctx.tenant,
             medium: crate::engines::ultravox::Medium::Twilio,
+            // Twilio's stream goes straight to Ultravox: no socket of ours to run tools on.
+            tools: &[],
         };
         match self.ultravox.create_call(&req).await {
             Ok(created) => {

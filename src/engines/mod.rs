@@ -258,7 +258,8 @@ impl Engine {
                 Ok(())
             }
             Engine::OpenAi(e) => e.tool_result(id, output).await,
-            Engine::UltravoxWs(_) | Engine::Pipeline(_) => Ok(()),
+            Engine::Pipeline(e) => e.tool_result(id, output).await,
+            Engine::UltravoxWs(e) => e.tool_result(id, output).await,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::config::UltravoxConfig;
 use crate::store::calls::TranscriptEntry;
@@ -42,6 +42,32 @@ pub struct NewCall<'a> {
     pub call_id: &'a str,
     pub tenant: &'a str,
     pub medium: Medium,
+    /// Functions offered as client tools (server WebSocket medium: the invocation comes back
+    /// on our socket, and voicectl runs the tool).
+    pub tools: &'a [super::ToolSpec],
+}
+
+/// A tool as an Ultravox client `temporaryTool`: each top-level property of the JSON Schema is
+/// one body parameter.
+pub fn client_tool(t: &super::ToolSpec) -> Value {
+    let required: Vec<&str> = t.parameters["required"]
+        .as_array()
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let params: Vec<Value> = t.parameters["properties"]
+        .as_object()
+        .map(|props| {
+            props
+                .iter()
+                .map(|(name, schema)| {
+                    json!({"name": name, "location": "PARAMETER_LOCATION_BODY",
+                           "schema": schema, "required": required.contains(&name.as_str())})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({"temporaryTool": {"modelToolName": t.name, "description": t.description,
+        "dynamicParameters": params, "client": {}}})
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +192,9 @@ impl UltravoxClient {
             "joinTimeout": "30s",
             "metadata": {"voicectl_call_id": c.call_id, "voicectl_tenant": c.tenant},
         });
+        if !c.tools.is_empty() && c.medium == Medium::ServerWebSocket {
+            body["selectedTools"] = c.tools.iter().map(client_tool).collect();
+        }
         if let Some(v) = c.voice.filter(|v| !v.is_empty()) {
             body["voice"] = v.into();
         }

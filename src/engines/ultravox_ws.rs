@@ -53,6 +53,12 @@ struct DataMessage {
     is_final: bool,
     #[serde(default)]
     state: Option<String>,
+    #[serde(default, rename = "toolName")]
+    tool_name: Option<String>,
+    #[serde(default, rename = "invocationId")]
+    invocation_id: Option<String>,
+    #[serde(default)]
+    parameters: Option<serde_json::Value>,
 }
 
 fn lost(e: impl std::fmt::Display) -> EngineError {
@@ -81,6 +87,7 @@ impl UltravoxWsEngine {
                 call_id: ctx.call_id.as_str(),
                 tenant: &ctx.tenant,
                 medium: Medium::ServerWebSocket,
+                tools: &ctx.tools,
             })
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?;
@@ -105,6 +112,15 @@ impl UltravoxWsEngine {
             .send(Message::Text(Utf8Bytes::from(v.to_string())))
             .await
             .map_err(lost)
+    }
+
+    /// The tool's answer, for the agent to carry on with.
+    pub async fn tool_result(&mut self, id: &str, output: &str) -> Result<(), EngineError> {
+        self.send_data(
+            serde_json::json!({"type": "client_tool_result", "invocationId": id,
+            "result": output, "responseType": "tool-response", "agentReaction": "speaks"}),
+        )
+        .await
     }
 
     pub async fn stream_started(&mut self) -> Result<(), EngineError> {
@@ -217,6 +233,18 @@ impl UltravoxWsEngine {
                     self.agent_text.clear();
                     self.new_item();
                     return Ok(EngineEvent::CallerSpeechStarted);
+                }
+                "client_tool_invocation" => {
+                    if let (Some(id), Some(name)) = (m.invocation_id, m.tool_name) {
+                        return Ok(EngineEvent::ToolCall {
+                            id,
+                            name,
+                            arguments: m
+                                .parameters
+                                .unwrap_or_else(|| serde_json::json!({}))
+                                .to_string(),
+                        });
+                    }
                 }
                 "state" => match m.state.as_deref() {
                     Some("speaking") if !self.speaking => {

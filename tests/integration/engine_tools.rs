@@ -12,10 +12,10 @@ use voicectl::config::{EngineKind, Secret};
 
 use crate::e2e::{Opts, Stack, stack};
 
-type Seen = Arc<Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
+pub(crate) type Seen = Arc<Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
 
 /// A loopback tenant endpoint: `/orders` answers at once, `/hook` takes webhooks.
-async fn tenant_endpoint() -> (String, Seen) {
+pub(crate) async fn tenant_endpoint() -> (String, Seen) {
     use axum::routing::post;
     let seen: Seen = Arc::default();
     let s = seen.clone();
@@ -37,7 +37,7 @@ async fn tenant_endpoint() -> (String, Seen) {
 }
 
 /// Stores `lookup_order` for tenant `acme` (the stack's calls belong to it).
-fn add_tool(s: &Stack, base: &str) {
+pub(crate) fn add_tool(s: &Stack, base: &str) {
     let def: voicectl::domain::tool::ToolDefinition = serde_json::from_value(json!({
         "description": "Look up an order",
         "parameters": {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]},
@@ -55,7 +55,7 @@ fn add_tool(s: &Stack, base: &str) {
 }
 
 /// Exactly one signed request, keyed by the engine's call id, with the model's arguments.
-fn assert_one_signed_request(s: &Stack, seen: &Seen, call_id: &str, key: &str) {
+pub(crate) fn assert_one_signed_request(s: &Stack, seen: &Seen, call_id: &str, key: &str) {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "one request to the tenant");
     let (h, body) = &seen[0];
@@ -159,5 +159,64 @@ async fn a_realtime_call_reaches_a_tenant_tool_and_the_model_gets_the_output() {
         tr.iter()
             .any(|e| e["speaker"] == "tool" && e["text"].as_str().unwrap_or("").contains("shipped")),
         "{tr:?}"
+    );
+}
+
+/// Ultravox over the server WebSocket: the tools are offered as client `temporaryTool`s, the
+/// `client_tool_invocation` reaches the tenant once, and the result goes back as
+/// `client_tool_result`, after which the agent speaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ultravox_call_reaches_a_tenant_tool_and_ultravox_gets_the_result() {
+    use test_fakes::ultravox::{FakeUltravox, UltravoxOpts};
+    let (base, seen) = tenant_endpoint().await;
+    let uv = FakeUltravox::start(UltravoxOpts {
+        reply_ms: 400,
+        greeting_ms: 400,
+        client_tool: Some(("lookup_order".into(), json!({"order": "123"}))),
+        ..Default::default()
+    })
+    .await;
+    let (uv_base, uv_key) = (uv.base_url(), uv.opts().api_key.clone());
+    let s = stack(Opts {
+        webhook_url: Some(format!("{base}/hook")),
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.agent.engine = EngineKind::Ultravox;
+            c.ultravox.api_base_url = uv_base;
+            c.ultravox.api_key = Secret::new(uv_key);
+            c.ultravox.medium = voicectl::config::UltravoxMedium::ServerWebSocket;
+            c.server.allow_private_targets = vec!["127.0.0.1".into()];
+        }),
+        ..Default::default()
+    })
+    .await;
+    add_tool(&s, &base);
+    s.sim.set_scenario("+14155550802", scenario());
+    let id = s.call("+14155550802").await;
+    s.follow(&id, Duration::from_secs(25)).await;
+
+    let call = uv.calls()[0].clone();
+    assert!(call.violations.is_empty(), "{:?}", call.violations);
+    let tools = &call.request["selectedTools"];
+    let t = tools
+        .as_array()
+        .and_then(|t| {
+            t.iter()
+                .find(|t| t["temporaryTool"]["modelToolName"] == "lookup_order")
+        })
+        .unwrap_or_else(|| panic!("lookup_order offered: {tools}"));
+    assert_eq!(t["temporaryTool"]["client"], json!({}));
+    assert_eq!(
+        t["temporaryTool"]["dynamicParameters"][0]["name"], "order",
+        "{t}"
+    );
+    assert_one_signed_request(&s, &seen, &id, &format!("inv_{}", call.call_id));
+    let result = call
+        .data_in
+        .iter()
+        .find(|m| m["type"] == "client_tool_result")
+        .unwrap_or_else(|| panic!("no client_tool_result: {:?}", call.data_in));
+    assert!(
+        result["result"].as_str().unwrap().contains("shipped"),
+        "{result}"
     );
 }

@@ -1109,3 +1109,81 @@ async fn a_silent_caller_hears_the_prompt_then_the_goodbye_spoken_by_the_tts() {
         "no LLM turn without the caller"
     );
 }
+
+/// The pipeline's LLM calls a tenant tool: the chat request offers it (`tools`), the streamed
+/// `tool_calls` reach the tenant once, and the follow-up request carries the assistant
+/// `tool_calls` message and the `tool` message with the answer, whose reply is spoken.
+#[tokio::test]
+async fn the_llm_calls_a_tenant_tool_and_speaks_from_its_answer() {
+    use crate::engine_tools::{add_tool, assert_one_signed_request, tenant_endpoint};
+    let (base, seen) = tenant_endpoint().await;
+    let f = Fakes::start(
+        DeepgramOpts {
+            utterances: vec!["Where is my order one two three".into()],
+            ..Default::default()
+        },
+        ElevenLabsOpts::default(),
+        OpenAiHttpOpts {
+            replies: vec!["".into(), "Your order has shipped.".into()],
+            tool_call: Some(("lookup_order".into(), r#"{"order":"123"}"#.into())),
+            tool_call_on: Some(0),
+            ..Default::default()
+        },
+        OpenAiHttpOpts::default(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = pipeline_stack(&f, dir.path(), |c| {
+        c.server.allow_private_targets = vec!["127.0.0.1".into()];
+    })
+    .await;
+    add_tool(&s, &base);
+    // Tool requests are signed with the tenant's webhook secret, which comes with a webhook.
+    let hook = format!("{base}/hook");
+    s.store
+        .blocking(move |c| {
+            let patch = voicectl::store::tenants::TenantPatch {
+                webhook_url: Some(hook),
+                ..Default::default()
+            };
+            voicectl::store::tenants::update(c, "acme", patch).map(|_| ())
+        })
+        .unwrap();
+    let (id, _) = run(&s, "+14155550811", conversation(), 25).await;
+    f.assert_clean().await;
+    assert_one_signed_request(&s, &seen, &id, "call_fake1");
+    let chats = f.oa.state().chats.clone();
+    assert!(chats.len() >= 2, "{} chat requests", chats.len());
+    let offered = &chats[0].body["tools"];
+    assert_eq!(offered[0]["type"], "function", "{offered}");
+    assert!(
+        offered
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["function"]["name"] == "lookup_order"),
+        "{offered}"
+    );
+    let follow_up = chats[1].body["messages"].as_array().unwrap().clone();
+    let n = follow_up.len();
+    assert_eq!(
+        follow_up[n - 2]["tool_calls"][0]["id"],
+        "call_fake1",
+        "{follow_up:?}"
+    );
+    assert_eq!(follow_up[n - 1]["role"], "tool");
+    assert!(
+        follow_up[n - 1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("shipped"),
+        "{follow_up:?}"
+    );
+    let t = s.transcript(&id).await;
+    assert!(
+        lines(&t, "agent")
+            .iter()
+            .any(|l| l.contains("Your order has shipped")),
+        "{t:?}"
+    );
+}

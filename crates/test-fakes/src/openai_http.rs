@@ -35,6 +35,8 @@ pub struct OpenAiHttpOpts {
     pub token_interval_ms: u64,
     /// A tool call streamed before the text of every reply: (name, arguments JSON).
     pub tool_call: Option<(String, String)>,
+    /// Only request number `n` (0-based) gets `tool_call` (None: every reply does).
+    pub tool_call_on: Option<usize>,
     pub chat_fault: Option<FaultPlan>,
     pub speech_tone_hz: f64,
     pub speech_ms_per_char: u64,
@@ -50,6 +52,7 @@ impl Default for OpenAiHttpOpts {
             first_token_ms: 60,
             token_interval_ms: 10,
             tool_call: None,
+            tool_call_on: None,
             chat_fault: None,
             speech_tone_hz: 1000.0,
             speech_ms_per_char: 20,
@@ -224,6 +227,24 @@ async fn chat(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: String) -
     if req["messages"].as_array().is_none_or(|m| m.is_empty()) {
         v.push("messages missing or empty".to_owned());
     }
+    // Each assistant message with `tool_calls` must be followed at once by one `tool`
+    // message per call (the API answers 400 otherwise).
+    if let Some(msgs) = req["messages"].as_array() {
+        for (i, m) in msgs.iter().enumerate() {
+            let Some(calls) = m["tool_calls"].as_array() else {
+                continue;
+            };
+            for (j, c) in calls.iter().enumerate() {
+                let next = msgs.get(i + 1 + j);
+                if next.is_none_or(|n| n["role"] != "tool" || n["tool_call_id"] != c["id"]) {
+                    v.push(format!(
+                        "tool call {} is not answered right after it",
+                        c["id"]
+                    ));
+                }
+            }
+        }
+    }
     if !v.is_empty() {
         sh.rec.with(|s| s.violations.extend(v));
     }
@@ -264,7 +285,11 @@ async fn chat(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: String) -
             json!({"role": "assistant", "content": ""}),
             Value::Null,
         ));
-        if let Some((name, args)) = &o.tool_call {
+        if let Some((name, args)) = o
+            .tool_call
+            .as_ref()
+            .filter(|_| o.tool_call_on.is_none_or(|n| n == idx))
+        {
             frames.push(chunk(json!({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function", "function": {"name": name, "arguments": ""}}]}), Value::Null));
             let mid = args.len() / 2;
             let mid = (0..=mid)
@@ -283,11 +308,12 @@ async fn chat(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: String) -
         for w in words {
             frames.push(chunk(json!({"content": w}), Value::Null));
         }
-        let finish = if o.tool_call.is_some() && n_words == 0 {
-            "tool_calls"
-        } else {
-            "stop"
-        };
+        let finish =
+            if o.tool_call.is_some() && o.tool_call_on.is_none_or(|n| n == idx) && n_words == 0 {
+                "tool_calls"
+            } else {
+                "stop"
+            };
         frames.push(chunk(json!({}), json!(finish)));
         frames.push(format!("data: {}\n\n", json!({"id": format!("chatcmpl-fake{idx}"), "object": "chat.completion.chunk", "model": model, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": n_words, "total_tokens": 10 + n_words}})).into_bytes());
         frames.push(b"data: [DONE]\n\n".to_vec());

@@ -100,6 +100,9 @@ pub struct UltravoxOpts {
     pub join_url: JoinUrl,
     /// Default and maximum `pageSize` of `/messages`: small, so clients must follow `next`.
     pub page_size: usize,
+    /// Server WebSocket medium: answer the first caller turn with a `client_tool_invocation`
+    /// of this tool (name, parameters), then reply once its `client_tool_result` came.
+    pub client_tool: Option<(String, Value)>,
 }
 
 impl Default for UltravoxOpts {
@@ -119,6 +122,7 @@ impl Default for UltravoxOpts {
             create_failures: Vec::new(),
             join_url: JoinUrl::Ws,
             page_size: 2,
+            client_tool: None,
         }
     }
 }
@@ -1286,6 +1290,9 @@ struct CallConn {
     hangup_when_played: bool,
     hangup_at: Option<Instant>,
     out: String,
+    /// The invocation id of the client tool call awaiting its result.
+    tool_pending: Option<String>,
+    tool_invoked: bool,
 }
 
 type Flow = Result<(), End>;
@@ -1327,6 +1334,8 @@ impl CallConn {
             hangup_when_played: false,
             hangup_at: None,
             out: String::new(),
+            tool_pending: None,
+            tool_invoked: false,
         }
     }
 
@@ -1772,6 +1781,19 @@ impl CallConn {
                             .await?;
                         self.send_data(json!({"type": "state", "state": "thinking"}))
                             .await?;
+                        if let Some((name, params)) = self.sh.opts.client_tool.clone()
+                            && !self.tool_invoked
+                        {
+                            // The conversation is frozen while a tool runs: the reply waits
+                            // for its result.
+                            self.tool_invoked = true;
+                            let inv = format!("inv_{}", self.id);
+                            self.tool_pending = Some(inv.clone());
+                            self.send_data(json!({"type": "client_tool_invocation",
+                                "toolName": name, "invocationId": inv, "parameters": params}))
+                                .await?;
+                            return Ok(());
+                        }
                     }
                     self.queue_reply(Instant::now());
                 }
@@ -2013,7 +2035,18 @@ impl CallConn {
                     uninterruptible: v["uninterruptible"] == json!(true),
                 });
             }
-            "set_output_medium" | "client_tool_result" => {}
+            "client_tool_result" => {
+                if v["invocationId"].as_str().is_some()
+                    && v["invocationId"].as_str() == self.tool_pending.as_deref()
+                    && (v["result"].is_string() || v["errorType"].is_string())
+                {
+                    self.tool_pending = None;
+                    self.queue_reply(now);
+                } else {
+                    self.violation(format!("client_tool_result for no pending invocation: {v}"));
+                }
+            }
+            "set_output_medium" => {}
             other => self.violation(format!("unknown data message type {other:?}")),
         }
         Ok(())

@@ -1,8 +1,7 @@
 //! OpenAI-compatible chat completions, streamed (WAVE2-PROTOCOLS §1): SSE
 //! `chat.completion.chunk` lines until `data: [DONE]`. A stream that ends without `[DONE]`
 //! is a failure (the reply may be cut). Tool-call deltas are put together by `index` (their
-//! `arguments` arrive as a JSON string split across chunks) for the tools feature; the engine
-//! does not run tools yet.
+//! `arguments` arrive as a JSON string split across chunks); the engine runs them.
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -115,11 +114,34 @@ pub fn request_body(cfg: &LlmConfig, messages: &[Value]) -> Value {
     })
 }
 
-/// Starts a streaming request; events arrive on the returned stream's channel.
-pub fn start(http: reqwest::Client, cfg: LlmConfig, messages: Vec<Value>) -> LlmStream {
+/// Chat completions' `tools`: each function the model may call.
+pub fn tools_json(tools: &[crate::engines::ToolSpec]) -> Value {
+    Value::Array(
+        tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters}})
+            })
+            .collect(),
+    )
+}
+
+/// Starts a streaming request; events arrive on the returned stream's channel. `tools` (a
+/// [`tools_json`] array) is sent when not empty.
+pub fn start(
+    http: reqwest::Client,
+    cfg: LlmConfig,
+    messages: Vec<Value>,
+    tools: Value,
+) -> LlmStream {
     let (tx, rx) = mpsc::channel(256);
+    let mut body = request_body(&cfg, &messages);
+    if tools.as_array().is_some_and(|t| !t.is_empty()) {
+        body["tools"] = tools;
+    }
     let task = tokio::spawn(async move {
-        let r = run(&http, &cfg, &request_body(&cfg, &messages), &tx).await;
+        let r = run(&http, &cfg, &body, &tx).await;
         let ev = match r {
             Ok(tool_calls) => LlmEvent::Done { tool_calls },
             Err(e) => LlmEvent::Failed(e),

@@ -231,6 +231,11 @@ enum Cmd {
     Say(String),
     /// A caller turn given as text (keypad).
     CallerText(String),
+    /// The answer to the model's tool call `id`.
+    ToolResult {
+        id: String,
+        output: String,
+    },
     Interrupted {
         item: String,
         played_ms: u64,
@@ -267,6 +272,7 @@ impl PipelineEngine {
         let (cmd_tx, cmd_rx) = mpsc::channel(512);
         let (out_tx, out_rx) = mpsc::channel(1024);
         let greeting = ctx.greeting.clone();
+        let ctx_tools = ctx.tools.clone();
         let now = Instant::now();
         let actor = Actor {
             s,
@@ -294,6 +300,8 @@ impl PipelineEngine {
             llm_idx: 0,
             providers_sent: None,
             fatal: None,
+            tools: llm::tools_json(&ctx_tools),
+            tool_block: None,
         };
         let task = tokio::spawn(actor.run(greeting));
         Ok(Self {
@@ -349,6 +357,14 @@ impl PipelineEngine {
 
     pub async fn caller_text(&mut self, text: &str) -> Result<(), EngineError> {
         self.send(Cmd::CallerText(text.to_owned())).await
+    }
+
+    pub async fn tool_result(&mut self, id: &str, output: &str) -> Result<(), EngineError> {
+        self.send(Cmd::ToolResult {
+            id: id.to_owned(),
+            output: output.to_owned(),
+        })
+        .await
     }
 
     /// Cancel-safe.
@@ -553,6 +569,19 @@ struct Actor {
     llm_idx: usize,
     providers_sent: Option<Providers>,
     fatal: Option<String>,
+    /// The call's functions as chat-completions `tools`.
+    tools: Value,
+    /// Tool calls waiting for their results. Kept out of `history` until every result is in:
+    /// the API wants each assistant `tool_calls` message followed at once by one `tool`
+    /// message per call, whatever the caller said meanwhile.
+    tool_block: Option<ToolBlock>,
+}
+
+struct ToolBlock {
+    /// The assistant message with the `tool_calls`.
+    call: Value,
+    results: Vec<Value>,
+    pending: Vec<String>,
 }
 
 async fn stt_next(stt: &mut Option<DeepgramStt>) -> SttEvent {
@@ -740,6 +769,7 @@ impl Actor {
                 self.history.push(json!({"role": "user", "content": text}));
                 self.start_reply(Kind::Turn, None).await;
             }
+            Cmd::ToolResult { id, output } => self.on_tool_result(id, output).await,
             Cmd::Interrupted { item, played_ms } => {
                 if let Some(f) = self.finished.take_if(|f| f.item == item) {
                     self.settle(f, Some(played_ms * 8)).await;
@@ -1031,7 +1061,7 @@ impl Actor {
             let mut messages = Vec::with_capacity(self.history.len() + 1);
             messages.push(json!({"role": "system", "content": self.ctx.system_prompt}));
             messages.extend(self.history.iter().cloned());
-            let stream = llm::start(http(), cfg, messages);
+            let stream = llm::start(http(), cfg, messages, self.tools.clone());
             if let Some(r) = self.reply.as_mut() {
                 r.llm = Some(stream);
                 r.llm_started = Instant::now();
@@ -1065,10 +1095,7 @@ impl Actor {
             }
             LlmEvent::Done { tool_calls } => {
                 if !tool_calls.is_empty() {
-                    tracing::info!(
-                        count = tool_calls.len(),
-                        "the LLM asked for tools; tools are not available during calls yet"
-                    );
+                    self.call_tools(tool_calls).await;
                 }
                 let Some(r) = self.reply.as_mut() else { return };
                 r.llm = None;
@@ -1087,6 +1114,67 @@ impl Actor {
                 self.tts_finish().await;
             }
             LlmEvent::Failed(e) => self.llm_failed(e).await,
+        }
+    }
+
+    /// The model asked for functions: the bridge runs them (once each) and answers with
+    /// [`Cmd::ToolResult`]; what the model said before asking is spoken meanwhile.
+    async fn call_tools(&mut self, calls: Vec<llm::ToolCall>) {
+        let block = self.tool_block.get_or_insert_with(|| ToolBlock {
+            call: json!({"role": "assistant", "content": null, "tool_calls": []}),
+            results: Vec::new(),
+            pending: Vec::new(),
+        });
+        for (i, c) in calls.into_iter().enumerate() {
+            // Some OpenAI-compatible servers leave the id out; the API needs one to pair the
+            // result with the call.
+            let id = if c.id.is_empty() {
+                format!("call_{}_{i}", self.items)
+            } else {
+                c.id
+            };
+            if let Some(list) = block.call["tool_calls"].as_array_mut() {
+                list.push(json!({"id": id, "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments}}));
+            }
+            block.pending.push(id.clone());
+            let ev = EngineEvent::ToolCall {
+                id,
+                name: c.name,
+                arguments: c.arguments,
+            };
+            if self.out.send(Ok(ev)).await.is_err() {
+                self.fatal = Some("bridge gone".into());
+                return;
+            }
+        }
+    }
+
+    /// A tool answered. Once every pending call has, the calls and their results join the
+    /// history and the model speaks again with them — unless the caller has started another
+    /// turn meanwhile, whose reply then sees them.
+    async fn on_tool_result(&mut self, id: String, output: String) {
+        let Some(block) = self.tool_block.as_mut() else {
+            tracing::warn!(tool_call_id = %id, "a tool result for no pending call");
+            return;
+        };
+        let Some(pos) = block.pending.iter().position(|p| *p == id) else {
+            tracing::warn!(tool_call_id = %id, "a tool result for no pending call");
+            return;
+        };
+        block.pending.remove(pos);
+        block
+            .results
+            .push(json!({"role": "tool", "tool_call_id": id, "content": output}));
+        if !block.pending.is_empty() {
+            return;
+        }
+        if let Some(done) = self.tool_block.take() {
+            self.history.push(done.call);
+            self.history.extend(done.results);
+        }
+        if self.reply.is_none() {
+            self.start_reply(Kind::Turn, None).await;
         }
     }
 
