@@ -80,32 +80,36 @@ impl Driver {
 
     /// A fresh headless browser with a phone-sized window (its own profile, so no cookies).
     pub async fn browser(&self, width: u32, height: u32) -> Client {
+        self.browser_with(width, height, &[]).await
+    }
+
+    /// [`Driver::browser`] with more Chromium flags.
+    pub async fn browser_with(&self, width: u32, height: u32, extra: &[String]) -> Client {
+        let mut args = vec![
+            "--headless=new".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            format!("--window-size={width},{height}"),
+            // Loopback only: everything else goes to a dead proxy, no name resolves.
+            "--proxy-server=http://127.0.0.1:9".into(),
+            "--proxy-bypass-list=127.0.0.1".into(),
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-default-apps".into(),
+            "--disable-domain-reliability".into(),
+            "--disable-client-side-phishing-detection".into(),
+            "--no-first-run".into(),
+            "--no-pings".into(),
+            "--metrics-recording-only".into(),
+        ];
+        args.extend(extra.iter().cloned());
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
-            json!({
-                "binary": self.chromium,
-                "args": [
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    format!("--window-size={width},{height}"),
-                    // Loopback only: everything else goes to a dead proxy, no name resolves.
-                    "--proxy-server=http://127.0.0.1:9",
-                    "--proxy-bypass-list=127.0.0.1",
-                    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--disable-default-apps",
-                    "--disable-domain-reliability",
-                    "--disable-client-side-phishing-detection",
-                    "--no-first-run",
-                    "--no-pings",
-                    "--metrics-recording-only",
-                ],
-            }),
+            json!({"binary": self.chromium, "args": args}),
         );
         ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
@@ -777,4 +781,205 @@ async fn campaigns_page_uploads_a_list_shows_progress_and_controls_the_campaign(
         .unwrap()
         .unwrap();
     assert!(href.ends_with("/results.csv"), "{href}");
+}
+
+/// A fake microphone for Chromium: 48 kHz mono WAV, 700 ms bursts of a voiced tone with
+/// 700 ms pauses (loud enough for the scripted agent to hear turns), looped by Chromium.
+fn fake_microphone(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("caller.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 48_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&path, spec).unwrap();
+    for n in 0..48_000 * 6 {
+        let t = n as f64 / 48_000.0;
+        let speaking = (t % 1.4) < 0.7;
+        let s = if speaking {
+            9000.0 * (std::f64::consts::TAU * 300.0 * t).sin()
+        } else {
+            0.0
+        };
+        w.write_sample(s as i16).unwrap();
+    }
+    w.finalize().unwrap();
+    path
+}
+
+const IN_NETNS: &str = "VOICECTL_TEST_IN_NETNS";
+
+/// The browser call runs in a network namespace that has only `lo`, so neither Chromium nor the
+/// server can use any other address: this re-runs the real test there (`unshare -n`, as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_talk_button_calls_the_agent_over_webrtc_on_loopback_only() {
+    if find_exe(&["chromium", "chromium-browser", "google-chrome"]).is_none() {
+        // Driver::start explains (and fails under CI).
+        assert!(Driver::start().is_none());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "browser::talk_in_a_loopback_only_network",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(IN_NETNS, "1")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() && stderr.contains("unshare failed") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but unshare -n is not permitted: {stderr}"
+        );
+        eprintln!("skipped: cannot create a network namespace: {stderr}");
+        return;
+    }
+    eprintln!("{stdout}\n{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the browser call failed in its namespace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the_talk_button_calls_the_agent_over_webrtc_on_loopback_only, in a namespace"]
+async fn talk_in_a_loopback_only_network() {
+    assert_eq!(
+        std::env::var(IN_NETNS).as_deref(),
+        Ok("1"),
+        "run inside its network namespace"
+    );
+    // Nothing but loopback here.
+    let addrs = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    assert!(addrs.lines().all(|l| l.ends_with(" lo")), "{addrs}");
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mic = fake_microphone(dir.path());
+    let s = e2e::stack(Opts {
+        tweak: Box::new(|c| {
+            c.webrtc.udp_port = 0;
+            c.webrtc.public_ip = "127.0.0.1".into();
+        }),
+        ..Default::default()
+    })
+    .await;
+    s.manager.start_webrtc().await.unwrap();
+    let b = driver
+        .browser_with(
+            412,
+            915,
+            &[
+                "--use-fake-ui-for-media-stream".into(),
+                "--use-fake-device-for-media-stream".into(),
+                format!("--use-file-for-fake-audio-capture={}", mic.display()),
+                "--autoplay-policy=no-user-gesture-required".into(),
+                // Loopback is the only interface; ICE may use it, and shows real addresses.
+                "--allow-loopback-in-peer-connection".into(),
+                "--disable-features=WebRtcHideLocalIpsWithMdns".into(),
+            ],
+        )
+        .await;
+    login(&b, &s, Some("acme")).await;
+    b.goto(&format!("{}/ui/new", s.base)).await.unwrap();
+    b.find(Locator::Css("#talk-start"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_any(&b, "#talk-status", &["Connected", "Could not"]).await;
+    let status = b
+        .find(Locator::Css("#talk-status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(status.starts_with("Connected"), "{status}");
+
+    // Every candidate offered and answered is loopback.
+    let sdps = b
+        .execute("return [window.__talk.offer, window.__talk.answer]", vec![])
+        .await
+        .unwrap();
+    for sdp in sdps.as_array().unwrap() {
+        let cands: Vec<&str> = sdp
+            .as_str()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("a=candidate"))
+            .collect();
+        assert!(
+            !cands.is_empty() && cands.iter().all(|c| c.contains(" 127.0.0.1 ")),
+            "{cands:?}"
+        );
+    }
+
+    // The agent's audio reaches the browser: inbound audio energy rises.
+    let start = Instant::now();
+    let heard_after_ms = loop {
+        let v = b
+            .execute(
+                "const t = window.__talk; return t.pc.getStats().then((st) => { let e = 0; \
+                 st.forEach((r) => { if (r.type === 'inbound-rtp' && r.kind === 'audio') e = r.totalAudioEnergy || 0; }); \
+                 return [e, performance.now() - t.answeredAt]; });",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if v[0].as_f64().unwrap_or(0.0) > 0.0 {
+            break v[1].as_f64().unwrap();
+        }
+        assert!(start.elapsed() < WAIT, "no agent audio in the browser: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("agent audio in Chromium {heard_after_ms:.0} ms after the answer");
+    assert!(heard_after_ms < 3000.0, "{heard_after_ms} ms");
+
+    let id = b
+        .execute("return window.__talk.id", vec![])
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(s.get(&id).await["direction"], "web");
+    // The caller's turns (the fake microphone) reach the engine, which answers them: both
+    // sides are in the transcript.
+    let start = Instant::now();
+    loop {
+        let t = s.transcript(&id).await;
+        let caller = t.iter().any(|e| e["speaker"] == "caller");
+        let agent = t.iter().filter(|e| e["speaker"] == "agent").count();
+        if caller && agent >= 2 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "{t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.find(Locator::Css("#talk-stop"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, "#talk-status", "Call ended").await;
+    let start = Instant::now();
+    while s.get(&id).await["status"] != "completed" {
+        assert!(start.elapsed() < WAIT, "{}", s.get(&id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.close().await.unwrap();
 }

@@ -20,6 +20,92 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// A browser call (SPEC §9): the microphone, an offer with every ICE candidate in it (the
+// server is ICE-lite: no trickle), POST /api/v1/web-calls, and the agent's audio played.
+// `window.__talk` keeps the live call for the browser tests.
+async function startTalk(audio) {
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  const mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+  for (const t of mic.getTracks()) pc.addTrack(t, mic);
+  pc.ontrack = (e) => {
+    audio.srcObject = e.streams[0] || new MediaStream([e.track]);
+    audio.play().catch(() => {});
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
+    setTimeout(done, 3000);
+  });
+  const offer = pc.localDescription.sdp;
+  const r = await fetch("/api/v1/web-calls", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/sdp", Accept: "application/sdp" },
+    body: offer,
+  });
+  const text = await r.text();
+  if (r.status !== 201) {
+    pc.close();
+    for (const t of mic.getTracks()) t.stop();
+    let message = `HTTP ${r.status}`;
+    try {
+      message = JSON.parse(text).error.message;
+    } catch {
+      /* not JSON */
+    }
+    throw new Error(message);
+  }
+  const url = r.headers.get("Location");
+  await pc.setRemoteDescription({ type: "answer", sdp: text });
+  const talk = { pc, mic, url, id: url.split("/").pop(), offer, answer: text, answeredAt: performance.now() };
+  window.__talk = talk;
+  return talk;
+}
+
+async function stopTalk(talk) {
+  talk.pc.close();
+  for (const t of talk.mic.getTracks()) t.stop();
+  await fetch(talk.url, { method: "DELETE", credentials: "same-origin" }).catch(() => {});
+}
+
+// The "Talk" button: a browser call to the logged-in tenant's agent.
+function talkSection() {
+  const status = h("p", { id: "talk-status" });
+  const audio = h("audio", { id: "talk-audio", autoplay: true });
+  if (isAdmin) {
+    status.textContent = "Browser calls belong to a tenant: log in as one (voicectl open --tenant NAME) to talk.";
+    return h("section", { id: "talk" }, h("h2", {}, "Talk in the browser"), status);
+  }
+  let live = null;
+  const start = h("button", { type: "button", id: "talk-start" }, "Talk");
+  const stop = h("button", { type: "button", id: "talk-stop", class: "danger", hidden: true }, "Hang up");
+  start.addEventListener("click", async () => {
+    start.disabled = true;
+    status.textContent = "Connecting…";
+    try {
+      live = await startTalk(audio);
+      status.replaceChildren("Connected: ", h("a", { href: `/ui/calls/${encodeURIComponent(live.id)}` }, live.id));
+      start.hidden = true;
+      stop.hidden = false;
+    } catch (e) {
+      status.textContent = `Could not start the call: ${e.message}`;
+      start.disabled = false;
+    }
+  });
+  stop.addEventListener("click", async () => {
+    stop.disabled = true;
+    if (live) await stopTalk(live);
+    live = null;
+    status.textContent = "Call ended.";
+    stop.hidden = true;
+    stop.disabled = false;
+    start.hidden = false;
+    start.disabled = false;
+  });
+  return h("section", { id: "talk" }, h("h2", {}, "Talk in the browser"), h("p", { class: "actions" }, start, stop), status, audio);
+}
+
 async function api(method, path, body) {
   const opts = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
   if (body !== undefined) {
@@ -418,7 +504,7 @@ const PAGES = {
         form.querySelector("button").disabled = false;
       }
     });
-    main.append(form, out);
+    main.append(form, out, talkSection());
   },
 
   // Campaigns (SPEC §7): create with a CSV upload (with progress), live progress,
