@@ -1187,3 +1187,54 @@ async fn the_llm_calls_a_tenant_tool_and_speaks_from_its_answer() {
         "{t:?}"
     );
 }
+
+/// Keypad in through the pipeline: the keys are the caller's turn, so the chat request ends
+/// with them as the user's message, and the reply is spoken.
+#[tokio::test]
+async fn keys_pressed_reach_the_llm_as_the_callers_turn() {
+    let f = Fakes::start(
+        DeepgramOpts::default(),
+        ElevenLabsOpts::default(),
+        OpenAiHttpOpts {
+            replies: vec!["You chose billing.".into()],
+            ..Default::default()
+        },
+        OpenAiHttpOpts::default(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = pipeline_stack(&f, dir.path(), |_| {}).await;
+    let (id, _) = run(
+        &s,
+        "+14155550812",
+        vec![
+            Step::WaitForAgentSilence { min_ms: 200 },
+            Step::Dtmf('2'),
+            Step::Dtmf('#'),
+            Step::WaitForAgentSpeech { after_ms: 100 },
+            Step::WaitForAgentSilence { min_ms: 300 },
+            Step::Hangup,
+        ],
+        20,
+    )
+    .await;
+    f.assert_clean().await;
+    let chats = f.oa.state().chats.clone();
+    assert_eq!(chats.len(), 1, "one LLM turn, for the keys");
+    let msgs = chats[0].messages();
+    assert_eq!(
+        msgs.last().unwrap(),
+        &("user".to_owned(), "The caller pressed 2 #".to_owned())
+    );
+    let t = s.transcript(&id).await;
+    assert!(
+        lines(&t, "caller").contains(&"[keypad] 2#".to_owned()),
+        "{t:?}"
+    );
+    assert!(
+        lines(&t, "agent")
+            .iter()
+            .any(|l| l.contains("You chose billing")),
+        "{t:?}"
+    );
+}

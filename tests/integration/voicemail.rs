@@ -196,3 +196,51 @@ async fn bad_voicemail_settings_are_refused_and_change_nothing() {
         .await;
     assert_eq!(st, 400, "{v}");
 }
+
+/// With OpenAI Realtime the agent's running response is cancelled at the beep and the message
+/// is asked for as a new one, which the machine records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realtime_agent_leaves_the_message_after_the_beep() {
+    use test_fakes::realtime::{FakeRealtime, RealtimeOpts};
+    let rt = FakeRealtime::start(RealtimeOpts {
+        greeting_ms: 3000,
+        reply_ms: 600,
+        ..Default::default()
+    })
+    .await;
+    let (url, key) = (rt.url(), rt.opts().api_key.clone());
+    let s = stack(Opts {
+        tweak: Box::new(move |c: &mut voicectl::config::Config| {
+            c.agent.engine = voicectl::config::EngineKind::OpenAiRealtime;
+            c.openai.realtime_url = url;
+            c.openai.api_key = voicectl::config::Secret::new(key);
+        }),
+        ..Default::default()
+    })
+    .await;
+    s.sim.set_scenario("+14155550956", machine());
+    let id = place(
+        &s,
+        json!({"to": "+14155550956", "machine_detection": "voicemail", "voicemail_message": MESSAGE}),
+    )
+    .await;
+    let (call, rec) = ended(&s, &id).await;
+    assert_eq!(call["end_reason"], "voicemail_left", "{call}");
+    rt.wait_all_closed(Duration::from_secs(5)).await;
+    let session = rt.session(0);
+    assert!(session.problems().is_empty(), "{:?}", session.problems());
+    // The greeting (3 s) was still playing at the beep: cancelled, then the message.
+    let ev = &session.client_events;
+    let cancel = ev
+        .iter()
+        .position(|e| e == "response.cancel")
+        .expect("cancelled");
+    assert!(
+        ev[cancel..].iter().any(|e| e == "response.create"),
+        "{ev:?}"
+    );
+    assert!(
+        rec.streams[0].agent_played_after_beep > 0,
+        "the machine recorded the message"
+    );
+}
