@@ -15,6 +15,7 @@ mod tools;
 mod twilio;
 pub mod ui;
 mod webcalls;
+mod weblinks;
 
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ fn api_routes() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi
         .merge(status::routes())
         .merge(certs::routes())
         .merge(webcalls::routes())
+        .merge(weblinks::routes())
         .merge(tools::routes())
         .split_for_parts();
     let (uploads, upload_doc) = campaigns::upload_routes().split_for_parts();
@@ -89,6 +91,7 @@ pub fn app(state: AppState) -> Router {
         )
         .merge(health::routes())
         .merge(ops::routes())
+        .merge(webcalls::talk_routes())
         .route_layer(DefaultBodyLimit::max(max_body))
         .route_layer(RequestBodyLimitLayer::new(max_body))
         // Outside the body limit, so its bare 413 is reshaped too.

@@ -66,6 +66,13 @@ async fn create(
             "a browser call belongs to a tenant: use a tenant key or a tenant's dashboard login",
         ));
     };
+    check_offer(&headers, &body)?;
+    let (call, answer) = s.calls().web_call(*tenant_id, &body, None).await?;
+    Ok(answered(&call, answer))
+}
+
+/// An offer we can read: `application/sdp`, within [`MAX_OFFER_BYTES`].
+fn check_offer(headers: &HeaderMap, body: &str) -> Result<(), ApiError> {
     let is_sdp = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -83,7 +90,11 @@ async fn create(
             format!("the offer is larger than {MAX_OFFER_BYTES} bytes"),
         ));
     }
-    let (call, answer) = s.calls().web_call(*tenant_id, &body).await?;
+    Ok(())
+}
+
+/// `201` with the SDP answer, `Location` to hang up and the call's id.
+fn answered(call: &Call, answer: String) -> Response {
     let location = format!("/api/v1/web-calls/{}", call.id);
     let mut resp = (StatusCode::CREATED, answer).into_response();
     let h = resp.headers_mut();
@@ -97,7 +108,75 @@ async fn create(
     if let Ok(v) = HeaderValue::from_str(call.id.as_str()) {
         h.insert("x-call-id", v);
     }
-    Ok(resp)
+    resp
+}
+
+/// The public side of web links (SPEC §9): `GET /talk/<token>` is a page with a Talk button,
+/// `POST /talk/<token>` takes its offer. No key: the link's token stands for its tenant, each
+/// client address may start a few calls a minute, and the tenant's call caps apply.
+pub fn talk_routes() -> axum::Router<AppState> {
+    axum::Router::new().route(
+        "/talk/{token}",
+        axum::routing::get(talk_page).post(talk_call),
+    )
+}
+
+const TALK_HTML: &str = include_str!("ui/assets/talk.html");
+
+async fn talk_page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
+    let open = s
+        .store()
+        .read(move |c| crate::store::weblinks::open(c, &token))
+        .await;
+    let (status, body) = match open {
+        Ok(Some(_)) => (StatusCode::OK, TALK_HTML.to_owned()),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            "<!doctype html><title>Link not found</title><p>This link does not exist or has expired.</p>".to_owned(),
+        ),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+    };
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             media-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+async fn talk_call(
+    State(s): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, ApiError> {
+    check_offer(&headers, &body)?;
+    let open = s
+        .store()
+        .read(move |c| crate::store::weblinks::open(c, &token))
+        .await?
+        .ok_or_else(|| ApiError::for_status(StatusCode::NOT_FOUND))?;
+    let ip = s.ops().client_ip(peer.ip(), &headers);
+    s.ops().check_talk_call(ip).map_err(ApiError::from)?;
+    tracing::info!(link = %open.link_id, "browser call through a web link");
+    let (call, answer) = s
+        .calls()
+        .web_call(open.tenant_id, &body, open.max_duration_secs)
+        .await?;
+    Ok(answered(&call, answer))
 }
 
 /// Hangs up a browser call.

@@ -208,8 +208,9 @@ impl Calls {
         &self,
         tenant_id: i64,
         offer: &str,
+        max_duration_secs: Option<i64>,
     ) -> Result<(Call, String), WebCallError> {
-        self.s.web_call(tenant_id, offer).await
+        self.s.web_call(tenant_id, offer, max_duration_secs).await
     }
 
     /// `DELETE /web-calls/{id}`.

@@ -69,6 +69,7 @@ impl Shared {
         self: &Arc<Self>,
         tenant_id: i64,
         offer: &str,
+        max_duration_secs: Option<i64>,
     ) -> Result<(Call, String), WebCallError> {
         let ep = self.webrtc.get().ok_or(WebCallError::NoEndpoint)?;
         // The offer is checked (and the endpoint's slot taken) before any row exists.
@@ -80,7 +81,7 @@ impl Shared {
         let engine = cfg.agent.engine;
         let created = self
             .store
-            .run(move |c| webcalls::create(c, tenant_id, max, engine, &hash))
+            .run(move |c| webcalls::create(c, tenant_id, max, engine, &hash, max_duration_secs))
             .await?;
         let WebCall::Created(call) = created else {
             return Err(WebCallError::Full);

@@ -375,6 +375,8 @@ impl Default for UltravoxConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub api_requests_per_second_per_ip: u32,
+    /// Browser calls started through public `/talk/<token>` links, per client IP.
+    pub talk_calls_per_minute_per_ip: u32,
     pub calls_per_minute_per_tenant: u32,
     /// Twilio webhooks and media upgrades (`/twilio/...`), per client IP.
     pub webhook_requests_per_second_per_ip: u32,
@@ -406,6 +408,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             api_requests_per_second_per_ip: 100,
+            talk_calls_per_minute_per_ip: 5,
             calls_per_minute_per_tenant: 60,
             webhook_requests_per_second_per_ip: 500,
             max_websockets_per_ip: 1000,

@@ -73,6 +73,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     api: KeyedLimiter<IpAddr>,
     webhook: KeyedLimiter<IpAddr>,
+    talk: KeyedLimiter<IpAddr>,
     websockets: ConnLimiter<IpAddr>,
     trusted_proxies: Vec<IpNet>,
     metrics_allow: Vec<IpNet>,
@@ -106,6 +107,7 @@ impl Ops {
             metrics,
             api: KeyedLimiter::new(per_second(l.api_requests_per_second_per_ip)),
             webhook: KeyedLimiter::new(per_second(l.webhook_requests_per_second_per_ip)),
+            talk: KeyedLimiter::new(ratelimit::per_minute(l.talk_calls_per_minute_per_ip.max(1))),
             websockets: ConnLimiter::new(l.max_websockets_per_ip),
             trusted_proxies: nets("server.trusted_proxies", &config.server.trusted_proxies),
             metrics_allow: nets("server.metrics_allow", &config.server.metrics_allow),
@@ -145,6 +147,18 @@ impl Ops {
             too_many(
                 r,
                 "too many requests from your address; slow down and retry later",
+            )
+        })
+    }
+
+    /// A browser call through a public `/talk/<token>` link from `ip`
+    /// (`limits.talk_calls_per_minute_per_ip`); Err is a ready 429.
+    pub fn check_talk_call(&self, ip: IpAddr) -> Result<(), Refused> {
+        self.0.talk.check(&net::limit_key(ip)).map_err(|r| {
+            self.rejected("talk");
+            too_many(
+                r,
+                "too many browser calls from your address; try again in a minute",
             )
         })
     }

@@ -303,6 +303,19 @@ ALTER TABLE tenants ADD COLUMN voicemail_message TEXT;
 ALTER TABLE tenants ADD COLUMN analysis TEXT;
 ALTER TABLE calls ADD COLUMN analysis TEXT;
 "#,
+    // 14: public browser-call links (`/talk/<token>`), stored hashed.
+    r#"
+CREATE TABLE web_links (
+    id          TEXT PRIMARY KEY,
+    tenant_id   INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    token_hash  BLOB NOT NULL UNIQUE,
+    max_duration_secs INTEGER,
+    expires_at  INTEGER,
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX web_links_tenant ON web_links(tenant_id);
+"#,
 ];
 
 pub fn apply(conn: &Connection, path: &Path) -> Result<()> {

@@ -18,6 +18,7 @@ pub mod sessions;
 pub mod tenants;
 pub mod tools;
 pub mod webcalls;
+pub mod weblinks;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

@@ -25,6 +25,7 @@ pub fn create(
     max_live: i64,
     default_engine: EngineKind,
     stream_token_hash: &[u8],
+    max_duration_secs: Option<i64>,
 ) -> Result<WebCall> {
     let tx = conn.transaction()?;
     let tenant = tenants::get_by_id(&tx, tenant_id)?;
@@ -46,8 +47,15 @@ pub fn create(
     let now = now_ms();
     tx.execute(
         "INSERT INTO calls (id, tenant_id, direction, to_number, from_number, status, engine, \
-         created_at, updated_at) VALUES (?1,?2,'web','web','browser','ringing',?3,?4,?4)",
-        params![id.as_str(), tenant_id, engine.as_str(), now],
+         max_duration_secs, created_at, updated_at) \
+         VALUES (?1,?2,'web','web','browser','ringing',?3,?5,?4,?4)",
+        params![
+            id.as_str(),
+            tenant_id,
+            engine.as_str(),
+            now,
+            max_duration_secs
+        ],
     )?;
     calls::add_event(
         &tx,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime};
 use str0m::net::{Protocol, Receive};
@@ -332,4 +332,162 @@ async fn a_browser_that_vanishes_ends_the_call_and_its_engine_session() {
     assert_eq!(call["status"], "completed", "{call}");
     assert_eq!(call["end_reason"], "peer_timeout", "{call}");
     rt.wait_all_closed(Duration::from_secs(3)).await;
+}
+
+async fn post_json(server: &Server, key: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(server.url(path))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Offers `sdp` through a public link, with no key.
+async fn talk(server: &Server, path: &str, sdp: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(server.url(path))
+        .header("content-type", "application/sdp")
+        .body(sdp.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// A tenant's public link (SPEC §9): anyone may open `/talk/<token>` and call the agent with
+/// no key, a few calls a minute per address; the call is the tenant's, with the link's
+/// maximum duration. Deleted or expired links open nothing; bad requests change nothing.
+#[tokio::test]
+async fn a_web_link_lets_anyone_talk_a_few_times_a_minute_until_it_expires() {
+    let install = Install::with_extra(
+        "[agent]\nengine = \"scripted\"\n\n[webrtc]\nudp_port = 0\npublic_ip = \"127.0.0.1\"\n\
+         max_calls = 10\n\n[limits]\ntalk_calls_per_minute_per_ip = 2\n",
+    );
+    install.init();
+    install.ok(&["tenant", "add", "acme"]);
+    install.ok(&["tenant", "add", "other"]);
+    let key = install.json(&["key", "create", "--tenant", "acme"])["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = install.json(&["key", "create", "--tenant", "other"])["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let server = Server::start(&install);
+
+    for bad in [
+        json!({}),
+        json!({"name": ""}),
+        json!({"name": "site", "max_duration": "48h"}),
+        json!({"name": "site", "expires": "soon"}),
+        json!({"name": "site", "extra": 1}),
+    ] {
+        let (st, v) = post_json(&server, &key, "/api/v1/web-links", bad.clone()).await;
+        assert_eq!(st, 400, "{bad}: {v}");
+    }
+    let (st, link) = post_json(
+        &server,
+        &key,
+        "/api/v1/web-links",
+        json!({"name": "website", "max_duration": "2m", "expires": "30d"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{link}");
+    let url = link["url"].as_str().unwrap();
+    let path = &url[url.find("/talk/").unwrap()..];
+    let listed = get_json(&server, &key, "/api/v1/web-links").await;
+    assert_eq!(
+        listed["web_links"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert!(
+        !listed.to_string().contains("tk_"),
+        "tokens are never listed: {listed}"
+    );
+
+    let page = reqwest::get(server.url(path)).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("talk-link-start"));
+
+    // Two calls from this address; the third is refused.
+    for _ in 0..2 {
+        let (_p, offer, _pending) = peer().await;
+        let (st, answer) = talk(&server, path, &offer).await;
+        assert_eq!(st, 201, "{answer}");
+        assert!(answer.contains("a=ice-lite"), "{answer}");
+    }
+    let (_p, offer, _pending) = peer().await;
+    let (st, body) = talk(&server, path, &offer).await;
+    assert_eq!(st, 429, "{body}");
+    let calls = get_json(&server, &key, "/api/v1/calls").await;
+    let calls = calls["calls"].as_array().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls.iter().all(|c| c["direction"] == "web"));
+    let theirs = get_json(&server, &other, "/api/v1/calls").await;
+    assert_eq!(
+        theirs["calls"].as_array().map(Vec::len),
+        Some(0),
+        "{theirs}"
+    );
+
+    // Another tenant cannot delete it; the owner can, and then it opens nothing.
+    let id = link["id"].as_str().unwrap();
+    let del = |k: String| {
+        let u = server.url(&format!("/api/v1/web-links/{id}"));
+        async move {
+            reqwest::Client::new()
+                .delete(u)
+                .bearer_auth(k)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(del(other.clone()).await, 404);
+    assert_eq!(del(key.clone()).await, 204);
+    assert_eq!(
+        reqwest::get(server.url(path))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+
+    // An expired link opens nothing either.
+    let (_, link) = post_json(
+        &server,
+        &key,
+        "/api/v1/web-links",
+        json!({"name": "campaign", "expires": "1h"}),
+    )
+    .await;
+    let url = link["url"].as_str().unwrap();
+    let path = url[url.find("/talk/").unwrap()..].to_owned();
+    let db = rusqlite::Connection::open(install.data_dir.join("voicectl.db")).unwrap();
+    db.execute(
+        "UPDATE web_links SET expires_at = 1 WHERE id = ?1",
+        [link["id"].as_str().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(
+        reqwest::get(server.url(&path))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    let (_p, offer, _pending) = peer().await;
+    assert_eq!(talk(&server, &path, &offer).await.0, 404);
+    let calls = get_json(&server, &key, "/api/v1/calls").await;
+    assert_eq!(calls["calls"].as_array().map(Vec::len), Some(2));
 }

@@ -30,6 +30,7 @@ use crate::store::sessions::{self, NewSession, SESSION_TTL_MS};
 pub use pages::{PAGES, Page};
 
 const APP_JS: &str = include_str!("assets/app.js");
+const TALK_JS: &str = include_str!("assets/talk.js");
 const APP_CSS: &str = include_str!("assets/app.css");
 const UI_MAX_BODY: usize = 16 * 1024;
 
@@ -39,6 +40,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/login", get(login_page).post(login))
         .route("/ui/logout", axum::routing::post(logout))
         .route("/ui/assets/app.js", get(js))
+        .route("/ui/assets/talk.js", get(talk_js))
         .route("/ui/assets/app.css", get(css))
         .route("/ui/calls/{id}", get(call_page))
         .route("/ui/api/calls/{id}/timeline", get(timeline))
@@ -103,13 +105,21 @@ fn html(status: StatusCode, body: String) -> Response {
 }
 
 async fn js() -> Response {
+    script(APP_JS)
+}
+
+async fn talk_js() -> Response {
+    script(TALK_JS)
+}
+
+fn script(body: &'static str) -> Response {
     harden(
         (
             [
                 (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
                 (header::CACHE_CONTROL, "no-cache"),
             ],
-            APP_JS,
+            body,
         )
             .into_response(),
     )

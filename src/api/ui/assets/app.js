@@ -1,3 +1,4 @@
+import { startTalk, stopTalk } from "./talk.js";
 // voicectl dashboard: fills the server-rendered frame from /api/v1 with the session cookie.
 // Plain ES module, no dependencies, no build step. Data only ever reaches the page through
 // textContent/attributes (h() below), never as markup.
@@ -20,55 +21,6 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-// A browser call (SPEC §9): the microphone, an offer with every ICE candidate in it (the
-// server is ICE-lite: no trickle), POST /api/v1/web-calls, and the agent's audio played.
-// `window.__talk` keeps the live call for the browser tests.
-async function startTalk(audio) {
-  const pc = new RTCPeerConnection({ iceServers: [] });
-  const mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
-  for (const t of mic.getTracks()) pc.addTrack(t, mic);
-  pc.ontrack = (e) => {
-    audio.srcObject = e.streams[0] || new MediaStream([e.track]);
-    audio.play().catch(() => {});
-  };
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((done) => {
-    if (pc.iceGatheringState === "complete") return done();
-    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
-    setTimeout(done, 3000);
-  });
-  const offer = pc.localDescription.sdp;
-  const r = await fetch("/api/v1/web-calls", {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "Content-Type": "application/sdp", Accept: "application/sdp" },
-    body: offer,
-  });
-  const text = await r.text();
-  if (r.status !== 201) {
-    pc.close();
-    for (const t of mic.getTracks()) t.stop();
-    let message = `HTTP ${r.status}`;
-    try {
-      message = JSON.parse(text).error.message;
-    } catch {
-      /* not JSON */
-    }
-    throw new Error(message);
-  }
-  const url = r.headers.get("Location");
-  await pc.setRemoteDescription({ type: "answer", sdp: text });
-  const talk = { pc, mic, url, id: url.split("/").pop(), offer, answer: text, answeredAt: performance.now() };
-  window.__talk = talk;
-  return talk;
-}
-
-async function stopTalk(talk) {
-  talk.pc.close();
-  for (const t of talk.mic.getTracks()) t.stop();
-  await fetch(talk.url, { method: "DELETE", credentials: "same-origin" }).catch(() => {});
-}
-
 // The "Talk" button: a browser call to the logged-in tenant's agent.
 function talkSection() {
   const status = h("p", { id: "talk-status" });
@@ -84,7 +36,7 @@ function talkSection() {
     start.disabled = true;
     status.textContent = "Connecting…";
     try {
-      live = await startTalk(audio);
+      live = await startTalk(audio, "/api/v1/web-calls");
       status.replaceChildren("Connected: ", h("a", { href: `/ui/calls/${encodeURIComponent(live.id)}` }, live.id));
       start.hidden = true;
       stop.hidden = false;
