@@ -12,7 +12,7 @@ use twilio_sim::{CallerScript, Scenario, Step};
 use voicectl::config::Secret;
 
 use crate::e2e::{Opts, Stack, stack};
-use crate::handover::{admin_key, put_tenant};
+use crate::handover::{admin_key, get_tenant, put_tenant};
 
 fn spec() -> Value {
     json!({"summary": true, "success": "the caller agreed to a delivery day",
@@ -183,16 +183,7 @@ async fn bad_analysis_settings_are_refused_and_a_tenant_without_analysis_asks_no
         let (st, v) = put_tenant(&s, &admin, json!({"analysis": bad})).await;
         assert_eq!(st, 400, "{bad}: {v}");
     }
-    let t: Value = s
-        .http
-        .get(format!("{}/api/v1/tenants/acme", s.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t = get_tenant(&s, &admin).await;
     assert!(t["analysis"].is_null(), "{t}");
 
     let id = one_call(&s, "+14155550964").await;

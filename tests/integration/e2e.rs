@@ -50,6 +50,20 @@ impl Default for Opts {
     }
 }
 
+/// A stack whose engine is OpenAI Realtime, served by the fake `rt`.
+pub async fn realtime_stack(rt: &test_fakes::realtime::FakeRealtime) -> Stack {
+    let (url, key) = (rt.url(), rt.opts().api_key.clone());
+    stack(Opts {
+        tweak: Box::new(move |c: &mut Config| {
+            c.agent.engine = EngineKind::OpenAiRealtime;
+            c.openai.realtime_url = url;
+            c.openai.api_key = Secret::new(key);
+        }),
+        ..Default::default()
+    })
+    .await
+}
+
 pub async fn stack(opts: Opts) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("data")).unwrap();

@@ -192,6 +192,19 @@ pub(crate) fn admin_key(s: &Stack) -> String {
         .unwrap()
 }
 
+/// `GET /tenants/acme` with the admin key.
+pub(crate) async fn get_tenant(s: &Stack, admin: &str) -> Value {
+    s.http
+        .get(format!("{}/api/v1/tenants/acme", s.base))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub(crate) async fn put_tenant(s: &Stack, admin: &str, body: Value) -> (u16, Value) {
     let r = s
         .http
@@ -432,17 +445,7 @@ async fn send_dtmf_keeps_one_realtime_session() {
         ..Default::default()
     })
     .await;
-    let (url, key) = (rt.url(), rt.opts().api_key.clone());
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = voicectl::config::EngineKind::OpenAiRealtime;
-            c.openai.realtime_url = url;
-            c.openai.api_key = voicectl::config::Secret::new(key);
-            c.openai.beta_protocol = false;
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = crate::e2e::realtime_stack(&rt).await;
     let to = "+14155550721";
     s.sim.set_scenario(
         to,

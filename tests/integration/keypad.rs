@@ -8,7 +8,6 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use test_fakes::realtime::{FakeRealtime, RealtimeOpts};
 use twilio_sim::{CallerScript, Scenario, Step};
-use voicectl::config::{EngineKind, Secret};
 use voicectl::media::keypad::KEYPAD_GAP;
 
 use crate::e2e::{Opts, Stack, stack};
@@ -109,16 +108,7 @@ async fn keys_reach_the_realtime_model_as_a_user_message() {
         ..Default::default()
     })
     .await;
-    let (url, key) = (rt.url(), rt.opts().api_key.clone());
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = EngineKind::OpenAiRealtime;
-            c.openai.realtime_url = url;
-            c.openai.api_key = Secret::new(key);
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = crate::e2e::realtime_stack(&rt).await;
     let to = "+14155550902";
     let mut steps = vec![Step::WaitForAgentSilence { min_ms: 200 }];
     steps.extend(keys("9*#"));

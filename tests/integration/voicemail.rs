@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use twilio_sim::{CallerScript, CloseSide, Scenario, Step};
 
 use crate::e2e::{Opts, Stack, stack};
-use crate::handover::{admin_key, put_tenant};
+use crate::handover::{admin_key, get_tenant, put_tenant};
 
 const MESSAGE: &str = "Hi, this is Acme about your order. Please call us back at 555 0100.";
 
@@ -176,16 +176,7 @@ async fn bad_voicemail_settings_are_refused_and_change_nothing() {
         assert_eq!(st, 400, "{v}");
         assert!(v.to_string().contains(field), "{v}");
     }
-    let t: Value = s
-        .http
-        .get(format!("{}/api/v1/tenants/acme", s.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t = get_tenant(&s, &admin).await;
     assert!(t["machine_detection"].is_null(), "{t}");
     let (st, v) = s
         .api(
@@ -208,16 +199,7 @@ async fn a_realtime_agent_leaves_the_message_after_the_beep() {
         ..Default::default()
     })
     .await;
-    let (url, key) = (rt.url(), rt.opts().api_key.clone());
-    let s = stack(Opts {
-        tweak: Box::new(move |c: &mut voicectl::config::Config| {
-            c.agent.engine = voicectl::config::EngineKind::OpenAiRealtime;
-            c.openai.realtime_url = url;
-            c.openai.api_key = voicectl::config::Secret::new(key);
-        }),
-        ..Default::default()
-    })
-    .await;
+    let s = crate::e2e::realtime_stack(&rt).await;
     s.sim.set_scenario("+14155550956", machine());
     let id = place(
         &s,
