@@ -421,6 +421,18 @@ async fn screenshots() {
     )
     .await;
     shot("dashboard-live.png").await;
+    let aid = done.clone();
+    s.store
+        .blocking(move |c| {
+            let a = voicectl::domain::analysis::CallAnalysis {
+                summary: Some("The caller asked about opening hours and was told 9 to 5.".into()),
+                data: Some(json!({"topic": "opening hours", "callback": false})),
+                success: Some(true),
+                error: None,
+            };
+            voicectl::store::calls::set_analysis(c, &aid, &a)
+        })
+        .unwrap();
     b.goto(&format!("{}/ui/calls/{done}", s.base))
         .await
         .unwrap();
@@ -449,6 +461,18 @@ async fn screenshots() {
         .unwrap();
     assert_eq!(wide, json!(0));
     b.close().await.unwrap();
+    // A tenant's test-call page with the Talk button.
+    let t = driver.browser(1100, 700).await;
+    login(&t, &s, Some("acme")).await;
+    t.goto(&format!("{}/ui/new", s.base)).await.unwrap();
+    wait_text(&t, "#talk", "Talk").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    std::fs::write(
+        dir.join("dashboard-talk.png"),
+        t.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    t.close().await.unwrap();
 }
 
 /// A test call placed from the dashboard's form, then found again through the history's

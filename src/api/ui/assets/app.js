@@ -376,7 +376,7 @@ const PAGES = {
     }
     const a = t.call.analysis;
     if (a) {
-      side.append(
+      talk.append(
         h(
           "section",
           { id: "analysis" },
@@ -456,7 +456,7 @@ const PAGES = {
         form.querySelector("button").disabled = false;
       }
     });
-    main.append(form, out, talkSection());
+    main.append(talkSection(), form, out);
   },
 
   // Campaigns (SPEC §7): create with a CSV upload (with progress), live progress,
