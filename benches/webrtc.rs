@@ -100,6 +100,7 @@ fn main() {
         match rt.block_on(run(&a, n)) {
             Ok(r) => rows.push(r),
             Err(e) => {
+                print_table(&rows);
                 eprintln!("N={n}: {e}");
                 std::process::exit(1);
             }
@@ -119,6 +120,8 @@ struct Counters {
     /// Browsers that have received agent audio and are still running.
     live: AtomicU64,
     failed: AtomicU64,
+    /// Browsers that failed to connect and placed a new call.
+    setup_retries: AtomicU64,
     rt: Arc<RtCounters>,
 }
 
@@ -131,6 +134,7 @@ struct Snapshot {
     recv: u64,
     appends: u64,
     deltas: u64,
+    udp_drops: u64,
 }
 
 impl Snapshot {
@@ -144,6 +148,7 @@ impl Snapshot {
             recv: c.recv.load(Relaxed),
             appends: c.rt.appends.load(Relaxed),
             deltas: c.rt.deltas.load(Relaxed),
+            udp_drops: udp_rcvbuf_errors(),
         }
     }
 }
@@ -168,6 +173,23 @@ struct Row {
     recv: u64,
     lost_in: u64,
     lost_out: u64,
+    udp_drops: u64,
+}
+
+/// Datagrams the kernel dropped, machine-wide, because a UDP socket's receive buffer was full
+/// (`RcvbufErrors` of `/proc/net/snmp`): the server's socket or a browser's fell behind.
+fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,7 +328,7 @@ max_connections = {conns}
     for _ in 0..n {
         let b = Browser {
             http: http.clone(),
-            url: format!("{base}/api/v1/web-calls"),
+            base: base.clone(),
             key: key.clone(),
             frame: frame.clone(),
             c: counters.clone(),
@@ -333,8 +355,9 @@ max_connections = {conns}
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "N={n}: all calls live after {:.1} s; warming up {} s, measuring {} s (server pid {pid})",
+        "N={n}: all calls live after {:.1} s ({} setup retries); warming up {} s, measuring {} s (server pid {pid})",
         t0.elapsed().as_secs_f64(),
+        counters.setup_retries.load(Relaxed),
         a.warmup,
         a.window
     );
@@ -386,6 +409,7 @@ max_connections = {conns}
         recv,
         lost_in: sent.saturating_sub(packets_in),
         lost_out: (s1.deltas - s0.deltas).saturating_sub(recv),
+        udp_drops: s1.udp_drops.saturating_sub(s0.udp_drops),
     })
 }
 
@@ -437,8 +461,8 @@ fn print_table(rows: &[Row]) {
         }
         if r.lost_in + r.lost_out > 0 {
             println!(
-                "       (in flight at the window edges or dropped: {} caller, {} agent packets)",
-                r.lost_in, r.lost_out
+                "       (in flight at the window edges or dropped: {} caller, {} agent packets; UDP receive-buffer drops on the box: {})",
+                r.lost_in, r.lost_out, r.udp_drops
             );
         }
     }
@@ -458,7 +482,7 @@ fn print_table(rows: &[Row]) {
 
 struct Browser {
     http: reqwest::Client,
-    url: String,
+    base: String,
     key: String,
     frame: Arc<Vec<u8>>,
     c: Arc<Counters>,
@@ -467,21 +491,40 @@ struct Browser {
 }
 
 impl Browser {
+    /// A browser whose setup fails (a handshake packet lost in a full socket buffer on a
+    /// saturated box) hangs up that call and places a new one, as a user reloading would, up
+    /// to `SETUP_TRIES` times; the retries are reported.
     async fn run(self) {
-        let mut live = false;
-        let r = self.talk(&mut live).await;
-        if live {
-            self.c.live.fetch_sub(1, Relaxed);
-        }
-        if let Err(e) = r
-            && !self.stop.is_cancelled()
-        {
-            eprintln!("browser: {e}");
-            self.c.failed.fetch_add(1, Relaxed);
+        const SETUP_TRIES: u32 = 3;
+        for attempt in 1..=SETUP_TRIES {
+            let mut live = false;
+            let mut location = None;
+            let r = self.talk(&mut live, &mut location).await;
+            if live {
+                self.c.live.fetch_sub(1, Relaxed);
+            }
+            let Err(e) = r else { return };
+            if self.stop.is_cancelled() {
+                return;
+            }
+            if live || attempt == SETUP_TRIES {
+                eprintln!("browser: {e}");
+                self.c.failed.fetch_add(1, Relaxed);
+                return;
+            }
+            self.c.setup_retries.fetch_add(1, Relaxed);
+            if let Some(loc) = location {
+                let _ = self
+                    .http
+                    .delete(format!("{}{loc}", self.base))
+                    .bearer_auth(&self.key)
+                    .send()
+                    .await;
+            }
         }
     }
 
-    async fn talk(&self, live: &mut bool) -> Result<(), String> {
+    async fn talk(&self, live: &mut bool, location: &mut Option<String>) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         let socket = UdpSocket::bind("127.0.0.1:0").await.map_err(|e| err(&e))?;
         let addr: SocketAddr = socket.local_addr().map_err(|e| err(&e))?;
@@ -494,11 +537,18 @@ impl Browser {
         let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
         let (offer, pending) = api.apply().ok_or("no offer")?;
 
+        // Held until connected: at most so many handshakes at once.
+        let mut permit = Some(
+            self.sem
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| err(&e))?,
+        );
         let answer = {
-            let _permit = self.sem.acquire().await.map_err(|e| err(&e))?;
             let r = self
                 .http
-                .post(&self.url)
+                .post(format!("{}/api/v1/web-calls", self.base))
                 .bearer_auth(&self.key)
                 .header("content-type", "application/sdp")
                 .body(offer.to_sdp_string())
@@ -506,6 +556,11 @@ impl Browser {
                 .await
                 .map_err(|e| err(&e))?;
             let status = r.status();
+            *location = r
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = r.text().await.map_err(|e| err(&e))?;
             if status != 201 {
                 return Err(format!("POST /api/v1/web-calls: {status} {body}"));
@@ -544,6 +599,7 @@ impl Browser {
             };
             let now = Instant::now();
             if rtc.is_connected() {
+                drop(permit.take());
                 let due = *next_send.get_or_insert(now);
                 if now >= due {
                     let w = rtc.writer(mid).ok_or("no audio writer")?;
