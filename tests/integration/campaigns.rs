@@ -832,3 +832,66 @@ async fn campaigns_leave_the_inbound_reserve_free() {
         assert!(live <= 2, "{live} campaign calls at once");
     }
 }
+
+/// `machine_detection = "voicemail"` on a campaign (SPEC §7, §8): a machine gets the
+/// campaign's message with the recipient's variables filled in, the call ends
+/// `voicemail_left`, and the campaign counts it under `voicemail`; the tenant's own setting
+/// does not override the campaign's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_leaves_its_templated_voicemail_on_machines() {
+    let (sim, install, key) = setup(10.0).await;
+    install.ok(&["tenant", "update", "acme", "--machine-detection", "hangup"]);
+    sim.set_scenario(
+        "+14155550961",
+        Scenario::Answer {
+            caller: CallerScript::new(vec![
+                Step::Speak(1000),
+                Step::Beep,
+                Step::Silence(8000),
+                Step::Hangup,
+            ]),
+            answered_by: Some("machine_end_beep".into()),
+        },
+    );
+    let server = Server::start(&install);
+    let api = Api::new(&server, &key);
+    let id = api
+        .create(json!({"name": "vm", "machine_detection": "voicemail",
+            "voicemail_message": "Hi {{name}}, this is Acme. Please call us back.",
+            "days": ["mon","tue","wed","thu","fri","sat","sun"]}))
+        .await;
+    let hour = Utc::now().hour() as i32;
+    let o = (13 - hour).rem_euclid(24);
+    let tz = etc_zone(if o > 12 { o - 24 } else { o });
+    let (s, v) = api
+        .csv(&id, format!("to,timezone,name\n+14155550961,{tz},Ann\n"))
+        .await;
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(1)), "{v}");
+    let c = api
+        .wait(&id, Duration::from_secs(25), |c| {
+            c["progress"]["voicemail"].as_i64() == Some(1)
+        })
+        .await;
+    assert_eq!(c["progress"]["voicemail"], 1, "{c}");
+    let r = &api.recipients(&id).await[0];
+    let call_id = r["last_call_id"].as_str().unwrap();
+    let (_, call) = api.get(&format!("/calls/{call_id}")).await;
+    assert_eq!(call["end_reason"], "voicemail_left", "{call}");
+    let (_, t) = api.get(&format!("/calls/{call_id}/transcript")).await;
+    assert!(
+        t["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["text"] == "Hi Ann, this is Acme. Please call us back."),
+        "{t}"
+    );
+    let rec = sim.call(call["twilio_call_sid"].as_str().unwrap()).unwrap();
+    assert!(
+        rec.request_params
+            .iter()
+            .any(|(k, v)| k == "MachineDetection" && v == "DetectMessageEnd"),
+        "{:?}",
+        rec.request_params
+    );
+}
