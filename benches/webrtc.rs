@@ -40,6 +40,8 @@ use shared::{
 };
 
 const FRAME: Duration = Duration::from_millis(20);
+/// A live browser that hears nothing for this long has lost its call.
+const SILENT: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------------------
 // Arguments
@@ -602,6 +604,7 @@ impl Browser {
                 self.c.failed.fetch_add(1, Relaxed);
                 return;
             }
+            eprintln!("browser: setup failed ({e}); hanging up and placing a new call");
             self.c.setup_retries.fetch_add(1, Relaxed);
             if let Some(loc) = location {
                 let _ = self
@@ -667,6 +670,8 @@ impl Browser {
         let mut buf = vec![0u8; 2048];
         let mut next_send: Option<Instant> = None;
         let mut rtp: u64 = 0;
+        let mut last_recv = Instant::now();
+        let (mut mine_sent, mut mine_recv) = (0u64, 0u64);
         loop {
             let timeout = loop {
                 match rtc.poll_output().map_err(|e| err(&e))? {
@@ -679,6 +684,8 @@ impl Browser {
                     }
                     Output::Event(Event::MediaData(_)) => {
                         self.c.recv.fetch_add(1, Relaxed);
+                        last_recv = Instant::now();
+                        mine_recv += 1;
                         if !*live {
                             *live = true;
                             self.c.live.fetch_add(1, Relaxed);
@@ -688,6 +695,12 @@ impl Browser {
                 }
             };
             let now = Instant::now();
+            // The agent talks without pause: silence means the call is over or stuck.
+            if *live && now.duration_since(last_recv) > SILENT {
+                return Err(format!(
+                    "no agent audio for {SILENT:?} after {mine_recv} packets, having sent {mine_sent}: the server ended the call or fell behind"
+                ));
+            }
             if rtc.is_connected() {
                 drop(permit.take());
                 let due = *next_send.get_or_insert(now);
@@ -702,6 +715,7 @@ impl Browser {
                     )
                     .map_err(|e| err(&e))?;
                     self.c.sent.fetch_add(1, Relaxed);
+                    mine_sent += 1;
                     rtp += opus::FRAME_TICKS;
                     // Real time: a late tick is not made up with a burst.
                     let next = due + FRAME;
