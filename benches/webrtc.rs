@@ -40,6 +40,8 @@ use shared::{
 };
 
 const FRAME: Duration = Duration::from_millis(20);
+/// A live browser that hears nothing for this long has lost its call.
+const SILENT: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------------------
 // Arguments
@@ -49,6 +51,7 @@ struct Args {
     window: u64,
     warmup: u64,
     bin: String,
+    micro: bool,
 }
 
 fn args() -> Args {
@@ -66,6 +69,7 @@ fn args() -> Args {
             .and_then(|s| s.parse().ok())
             .unwrap_or(5),
         bin: env("VOICECTL_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_voicectl").to_owned()),
+        micro: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -75,6 +79,7 @@ fn args() -> Args {
             "--window" => a.window = val().parse().expect("--window seconds"),
             "--warmup" => a.warmup = val().parse().expect("--warmup seconds"),
             "--bin" => a.bin = val(),
+            "--micro" => a.micro = true,
             // `cargo bench` passes --bench; libtest-style filters are ignored.
             _ => {}
         }
@@ -84,6 +89,10 @@ fn args() -> Args {
 
 fn main() {
     let a = args();
+    if a.micro {
+        micro();
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -107,6 +116,89 @@ fn main() {
         }
     }
     print_table(&rows);
+    micro();
+}
+
+/// The codec work a browser call adds per 20 ms frame, without sockets and in CPU time: the
+/// caller's Opus decoded (the leg's `Decoder`) and the agent's audio encoded (its `Encoder`,
+/// libopus's default complexity 10), both at the bridge's 8 kHz; then the encoder at lower
+/// complexities, to show what that setting would save.
+fn micro() {
+    let pcm: Vec<i16> = (0..opus::FRAME_SAMPLES)
+        .map(|i| (6000.0 * (2.0 * std::f64::consts::PI * 300.0 * i as f64 / 8000.0).sin()) as i16)
+        .collect();
+    let (Ok(mut enc), Ok(mut dec)) = (opus::Encoder::new(), opus::Decoder::new()) else {
+        eprintln!("micro: no Opus codec");
+        return;
+    };
+    let me = std::process::id();
+    let mut packet = Vec::new();
+    let iters = 10_000u32;
+    let t = cpu_us(me);
+    for _ in 0..iters {
+        if enc.encode(std::hint::black_box(&pcm), &mut packet).is_err() {
+            return;
+        }
+    }
+    let enc_us = (cpu_us(me) - t) / f64::from(iters);
+    let t = cpu_us(me);
+    for _ in 0..iters {
+        if dec.decode(std::hint::black_box(&packet)).is_err() {
+            return;
+        }
+    }
+    let dec_us = (cpu_us(me) - t) / f64::from(iters);
+    println!(
+        "\nmicro (no sockets, CPU time): Opus encode {enc_us:.1} µs/frame, decode {dec_us:.1} µs/frame \
+         ({:.0} µs per call-second for both directions at 50 frames/s)",
+        (enc_us + dec_us) * 50.0
+    );
+    let mut by_complexity = Vec::new();
+    for complexity in [5, 1] {
+        if let Some(us) = raw_encode_us(complexity, &pcm, iters) {
+            by_complexity.push(format!("complexity {complexity}: {us:.1} µs/frame"));
+        }
+    }
+    println!(
+        "       encoder at lower complexity: {}",
+        by_complexity.join(", ")
+    );
+}
+
+/// CPU µs per 20 ms frame of a VoIP encoder like the leg's, at `complexity`.
+fn raw_encode_us(complexity: i32, pcm: &[i16], iters: u32) -> Option<f64> {
+    use opusic_sys as ffi;
+    let mut err = 0;
+    // SAFETY: valid arguments; the result is checked for NULL.
+    let st =
+        unsafe { ffi::opus_encoder_create(opus::RATE, 1, ffi::OPUS_APPLICATION_VOIP, &mut err) };
+    if st.is_null() || err != ffi::OPUS_OK {
+        return None;
+    }
+    // SAFETY: `st` is a live encoder; the request takes one int.
+    unsafe { ffi::opus_encoder_ctl(st, ffi::OPUS_SET_COMPLEXITY_REQUEST, complexity) };
+    let mut out = vec![0u8; 400];
+    let me = std::process::id();
+    let t = cpu_us(me);
+    for _ in 0..iters {
+        // SAFETY: buffers valid for the lengths passed; `st` is ours.
+        let n = unsafe {
+            ffi::opus_encode(
+                st,
+                std::hint::black_box(pcm).as_ptr(),
+                pcm.len() as i32,
+                out.as_mut_ptr(),
+                out.len() as i32,
+            )
+        };
+        if n < 0 {
+            break;
+        }
+    }
+    let us = (cpu_us(me) - t) / f64::from(iters);
+    // SAFETY: created above, destroyed once.
+    unsafe { ffi::opus_encoder_destroy(st) };
+    Some(us)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -512,6 +604,7 @@ impl Browser {
                 self.c.failed.fetch_add(1, Relaxed);
                 return;
             }
+            eprintln!("browser: setup failed ({e}); hanging up and placing a new call");
             self.c.setup_retries.fetch_add(1, Relaxed);
             if let Some(loc) = location {
                 let _ = self
@@ -577,6 +670,8 @@ impl Browser {
         let mut buf = vec![0u8; 2048];
         let mut next_send: Option<Instant> = None;
         let mut rtp: u64 = 0;
+        let mut last_recv = Instant::now();
+        let (mut mine_sent, mut mine_recv) = (0u64, 0u64);
         loop {
             let timeout = loop {
                 match rtc.poll_output().map_err(|e| err(&e))? {
@@ -589,6 +684,8 @@ impl Browser {
                     }
                     Output::Event(Event::MediaData(_)) => {
                         self.c.recv.fetch_add(1, Relaxed);
+                        last_recv = Instant::now();
+                        mine_recv += 1;
                         if !*live {
                             *live = true;
                             self.c.live.fetch_add(1, Relaxed);
@@ -598,6 +695,12 @@ impl Browser {
                 }
             };
             let now = Instant::now();
+            // The agent talks without pause: silence means the call is over or stuck.
+            if *live && now.duration_since(last_recv) > SILENT {
+                return Err(format!(
+                    "no agent audio for {SILENT:?} after {mine_recv} packets, having sent {mine_sent}: the server ended the call or fell behind"
+                ));
+            }
             if rtc.is_connected() {
                 drop(permit.take());
                 let due = *next_send.get_or_insert(now);
@@ -612,6 +715,7 @@ impl Browser {
                     )
                     .map_err(|e| err(&e))?;
                     self.c.sent.fetch_add(1, Relaxed);
+                    mine_sent += 1;
                     rtp += opus::FRAME_TICKS;
                     // Real time: a late tick is not made up with a burst.
                     let next = due + FRAME;
