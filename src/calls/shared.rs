@@ -45,6 +45,9 @@ pub struct Shared {
     pub wind_down: CancellationToken,
     /// The WebRTC endpoint for browser calls, once started (`Calls::start_webrtc`).
     pub webrtc: std::sync::OnceLock<Arc<crate::telephony::webrtc::Endpoint>>,
+    /// The client for tenant tool URLs, for the allow list it was built with: one for every
+    /// call (a client holds the TLS roots, about 200 kB, too much to build per call).
+    tool_client: std::sync::Mutex<Option<(Vec<String>, reqwest::Client)>>,
 }
 
 impl Shared {
@@ -70,7 +73,27 @@ impl Shared {
             shutdown,
             wind_down: CancellationToken::new(),
             webrtc: std::sync::OnceLock::new(),
+            tool_client: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The shared client for tenant tool URLs (`timeout` caps any one request), rebuilt only
+    /// when `server.allow_private_targets` changed.
+    pub fn tool_client(
+        &self,
+        allow: &[String],
+        timeout: std::time::Duration,
+    ) -> Option<reqwest::Client> {
+        // A poisoned lock still holds a whole value.
+        let mut slot = self.tool_client.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Some((a, c)) if a == allow => Some(c.clone()),
+            _ => {
+                let c = crate::ops::outbound::tenant_client(allow, timeout).ok()?;
+                *slot = Some((allow.to_vec(), c.clone()));
+                Some(c)
+            }
+        }
     }
 
     /// The configuration now in force (a snapshot: a reload swaps in a new one).

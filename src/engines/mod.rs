@@ -39,8 +39,35 @@ where
         // header instead of buffering up to tungstenite's 16 MiB default first.
         .max_frame_size(Some(ENGINE_MAX_FRAME))
         .max_message_size(Some(ENGINE_MAX_MESSAGE));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
+    let tls = engine_tls().map(tokio_tungstenite::Connector::Rustls);
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, tls).await?;
     Ok(ws)
+}
+
+/// The TLS client for engine WebSockets, built once. Left to itself tokio-tungstenite reads
+/// the system's root certificates from disk for every connection and keeps its own copy of
+/// them (a few hundred kB) for as long as the call lasts. `None` (no roots found): each
+/// connection tries on its own and reports why.
+fn engine_tls() -> Option<Arc<rustls::ClientConfig>> {
+    static TLS: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        if !found.errors.is_empty() {
+            tracing::warn!(errors = ?found.errors, "some system root certificates did not load");
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        (added > 0).then(|| {
+            Arc::new(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        })
+    })
+    .clone()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -276,6 +303,14 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_engine_tls_client_is_built_once_from_the_system_roots() {
+        // CI and the release image have CA certificates; the config is shared, not rebuilt.
+        let a = engine_tls().expect("system root certificates");
+        let b = engine_tls().expect("system root certificates");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
 

@@ -17,7 +17,6 @@ use crate::domain::ids::CallId;
 use crate::domain::tool::{MAX_TIMEOUT, OnInterrupt, ToolDefinition};
 use crate::engines::ToolSpec;
 use crate::media::tools::{ToolCallEvent, ToolLink, ToolReply};
-use crate::ops::outbound;
 use crate::store::calls::Call;
 use crate::store::tenants::Tenant;
 use crate::store::{campaigns, tools as db};
@@ -115,7 +114,7 @@ impl Shared {
             party,
             goodbye: cfg.agent.goodbye.clone(),
             defs: stored.into_iter().map(|t| (t.name, t.definition)).collect(),
-            http: outbound::tenant_client(&allow, MAX_TIMEOUT).ok(),
+            http: self.tool_client(&allow, MAX_TIMEOUT),
             allow,
         };
         let (calls_tx, calls_rx) = mpsc::unbounded_channel();
