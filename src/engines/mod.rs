@@ -50,8 +50,7 @@ where
 /// them (a few hundred kB) for as long as the call lasts. `None` (no roots found): each
 /// connection tries on its own and reports why.
 fn engine_tls() -> Option<Arc<rustls::ClientConfig>> {
-    static TLS: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> =
-        std::sync::OnceLock::new();
+    static TLS: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> = std::sync::OnceLock::new();
     TLS.get_or_init(|| {
         let found = rustls_native_certs::load_native_certs();
         if !found.errors.is_empty() {
